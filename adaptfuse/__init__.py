@@ -1,0 +1,26 @@
+"""adaptfuse: one frozen Hugging Face base model, many LoRA adapters per batch.
+
+Importing adaptfuse loads the compiled ops (``torch.ops.adaptfuse.*``) and their fake
+implementations; it works on machines without a GPU whether or not CUDA was built.
+"""
+
+import torch
+
+from adaptfuse import _C  # noqa: F401  (registers torch.ops.adaptfuse.*)
+from adaptfuse import ops
+from adaptfuse.ops import MergeRecord
+
+__version__ = "0.1.0"
+
+
+def cuda_built() -> bool:
+    """Whether the CUDA kernels were compiled into this build."""
+    return bool(_C.cuda_built())
+
+
+def cuda_available() -> bool:
+    """Whether CUDA kernels were built and a GPU is usable right now."""
+    return cuda_built() and torch.cuda.is_available()
+
+
+__all__ = ["MergeRecord", "cuda_available", "cuda_built", "ops", "__version__"]

@@ -1,0 +1,190 @@
+"""Typed wrappers over ``torch.ops.adaptfuse.*`` and their fake implementations.
+
+Storage (DESIGN.md, "The ops"), fixed for every backend: per adapted layer
+``A[S, R_max, H_in]`` and ``B[S, R_max, H_out]`` (both rank-major: PEFT's lora_B is
+transposed once at load), ``ranks[S]`` int32 and ``scales[S]`` fp32. Token slot ids are int32,
+-1 meaning "no adapter".
+
+The schemas live in csrc/ops.cpp; argument checks in csrc/arguments.cpp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from adaptfuse import _C  # noqa: F401  (defines the schemas)
+
+MERGE_TILE_ELEMENTS = 65536
+"""Elements per tile of a merge record: offsets inside a tile fit in 16 bits."""
+
+ESCAPE_CORRECTION = -128
+"""A record correction with this value says: take the original bits from the escape list."""
+
+
+class Plan(NamedTuple):
+    """Tokens grouped by slot, built once per forward and shared by every layer.
+
+    token_slots:  int32 [T], the slot of each token (-1: none).
+    token_order:  int32 [T], token indices grouped by slot, each slot's in ascending order;
+                  tokens without a slot come last.
+    slot_offsets: int32 [S + 1], slot s owns ``token_order[slot_offsets[s]:slot_offsets[s+1]]``.
+    """
+
+    token_slots: torch.Tensor
+    token_order: torch.Tensor
+    slot_offsets: torch.Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_offsets.shape[0] - 1
+
+
+def plan(token_slots: torch.Tensor, num_slots: int) -> Plan:
+    """Build the plan on the tokens' device, without host synchronisation (graph-safe)."""
+    token_order, slot_offsets = torch.ops.adaptfuse.plan.default(token_slots, num_slots)
+    return Plan(token_slots, token_order, slot_offsets)
+
+
+def shrink(
+    x: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, plan: Plan
+) -> torch.Tensor:
+    """``v[t, :rank(s)] = scales[s] * (x[t] @ A[s, :rank(s)]^T)``, s = slot of t.
+
+    x: [T, H_in] (fp32/fp16/bf16, stride 1 along H_in); A: [S, R_max, H_in].
+    Returns v: fp32 [T, R_max], zero for tokens without a slot and beyond each slot's rank.
+    """
+    return torch.ops.adaptfuse.shrink.default(
+        x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets
+    )
+
+
+def expand_(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    B: Sequence[torch.Tensor],
+    out_offsets: Sequence[int],
+    ranks: torch.Tensor,
+    plan: Plan,
+) -> torch.Tensor:
+    """In place: ``y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)]``.
+
+    One launch covers several output slices (fused projections): B_i is [S, R_max_i, H_out_i],
+    slice i reads v's columns starting at col_i = R_max_0 + ... + R_max_{i-1}, so v is
+    fp32 [T, sum_i R_max_i]. The sum is accumulated in fp32 and rounded once into y's dtype.
+    Tokens without a slot are left untouched. Returns y.
+    """
+    torch.ops.adaptfuse.expand_.default(
+        y, v, list(B), list(out_offsets), ranks, plan.token_slots, plan.token_order, plan.slot_offsets
+    )
+    return y
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeRecord:
+    """What makes unmerge exact: the elements whose bits would not come back.
+
+    W is cut into tiles of MERGE_TILE_ELEMENTS elements (flat index ``o * H_in + i``).
+    tile_counts: int32 [num_tiles, 2], entries and escapes per tile.
+    offsets:     int16 [N], each entry's offset inside its tile (read as unsigned).
+    corrections: int8 [N], original bits minus the bits unmerge computes, or
+                 ESCAPE_CORRECTION when that does not fit in int8.
+    escape_bits: int32 [E], the original bits of the escaped entries, in entry order.
+    """
+
+    tile_counts: torch.Tensor
+    offsets: torch.Tensor
+    corrections: torch.Tensor
+    escape_bits: torch.Tensor
+
+    @property
+    def num_entries(self) -> int:
+        return self.offsets.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in dataclasses.astuple(self))
+
+    def fraction_of(self, W: torch.Tensor) -> float:
+        """The record's size as a fraction of W's bytes (a full copy of W would be 1.0)."""
+        return self.nbytes / (W.numel() * W.element_size())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MergeRecord":
+        """A copy on another device (keep records in host memory, bring them back to unmerge)."""
+        return MergeRecord(*(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
+
+
+def merge_(
+    W: torch.Tensor,
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+) -> MergeRecord:
+    """In place: ``W[H_out, H_in] += sum_i coefficients[i] * B_i^T @ A_i``.
+
+    A_i: [r_i, H_in], B_i: [r_i, H_out] (rank-major, as stored in the slots); coefficient_i
+    is the merge weight times the adapter's scaling. The delta is computed in fp32 in a fixed
+    order and rounded once into W. Refuses (and leaves W bit-identical) when an element
+    would turn non-finite. Returns the record that unmerge_ needs.
+    """
+    tensors = torch.ops.adaptfuse.merge_.default(W, list(A), list(B), [float(c) for c in coefficients])
+    return MergeRecord(*tensors)
+
+
+def unmerge_(
+    W: torch.Tensor,
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    record: MergeRecord,
+) -> torch.Tensor:
+    """Undo merge_ bit for bit: recompute the same delta, subtract, restore recorded elements.
+
+    Takes the same A, B and coefficients as the merge_ that produced ``record``, on the same
+    backend. Returns W.
+    """
+    torch.ops.adaptfuse.unmerge_.default(
+        W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record)
+    )
+    return W
+
+
+# Fake implementations: shapes and dtypes only, for torch.compile and opcheck.
+
+
+@torch.library.register_fake("adaptfuse::plan")
+def _plan_fake(token_slots, num_slots):
+    return token_slots.new_empty(token_slots.shape), token_slots.new_empty((num_slots + 1,))
+
+
+@torch.library.register_fake("adaptfuse::shrink")
+def _shrink_fake(x, A, ranks, scales, token_slots, token_order, slot_offsets):
+    return x.new_empty((x.shape[0], A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("adaptfuse::expand_")
+def _expand_fake(y, v, B, out_offsets, ranks, token_slots, token_order, slot_offsets):
+    return None
+
+
+@torch.library.register_fake("adaptfuse::merge_")
+def _merge_fake(W, A, B, coefficients):
+    # The record's length depends on the data: declare it as such, never guess it.
+    ctx = torch.library.get_ctx()
+    entries = ctx.new_dynamic_size()
+    escapes = ctx.new_dynamic_size()
+    num_tiles = math.ceil(W.numel() / MERGE_TILE_ELEMENTS)
+    return (
+        W.new_empty((num_tiles, 2), dtype=torch.int32),
+        W.new_empty((entries,), dtype=torch.int16),
+        W.new_empty((entries,), dtype=torch.int8),
+        W.new_empty((escapes,), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("adaptfuse::unmerge_")
+def _unmerge_fake(W, A, B, coefficients, tile_counts, offsets, corrections, escape_bits):
+    return None

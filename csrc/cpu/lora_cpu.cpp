@@ -1,0 +1,238 @@
+// shrink and expand on the CPU. Tokens are taken segment by segment from the plan (all
+// tokens of one slot). Long segments go through ATen GEMMs on views when their tokens are
+// contiguous in the batch (the usual prefill layout), gathered otherwise; short segments
+// (decode) go through blocked loops that read each adapter row once for up to
+// kTokensPerChunk tokens, parallel over chunks. fp32 accumulation throughout; deterministic
+// for a given batch (not batch-invariant: GEMM blocking follows the segment length).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "arguments.h"
+#include "kernels/dispatch.h"
+
+namespace adaptfuse {
+namespace {
+
+constexpr int64_t kGemmMinTokens = 16;
+constexpr int kTokensPerChunk = 4;
+
+// Tokens token_order[begin:end] all use `slot`.
+struct Segment {
+  int64_t slot, begin, end;
+  int64_t size() const { return end - begin; }
+};
+
+struct SegmentWork {
+  std::vector<Segment> long_segments;  // GEMM path
+  std::vector<Segment> chunks;         // loop path, at most kTokensPerChunk tokens each
+};
+
+SegmentWork split_segments(const at::Tensor& slot_offsets, const int32_t* ranks) {
+  SegmentWork work;
+  const int32_t* offsets = slot_offsets.data_ptr<int32_t>();
+  const int64_t num_slots = slot_offsets.size(0) - 1;
+  for (int64_t s = 0; s < num_slots; ++s) {
+    const Segment segment{s, offsets[s], offsets[s + 1]};
+    if (segment.size() == 0 || ranks[s] == 0) continue;
+    if (segment.size() >= kGemmMinTokens) {
+      work.long_segments.push_back(segment);
+      continue;
+    }
+    for (int64_t begin = segment.begin; begin < segment.end; begin += kTokensPerChunk) {
+      work.chunks.push_back({s, begin, std::min(begin + kTokensPerChunk, segment.end)});
+    }
+  }
+  return work;
+}
+
+// Dot products of up to N token rows with one adapter row, 8 independent fp32 accumulators
+// per row in a fixed order (vectorisable, deterministic).
+template <class XFormat, class AFormat, int N>
+void dot_rows(const typename XFormat::Bits* const* rows, const typename AFormat::Bits* adapter_row,
+              int64_t length, float* dots) {
+  constexpr int kLanes = 8;
+  float acc[N][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const float a = AFormat::to_float(adapter_row[i + lane]);
+      for (int r = 0; r < N; ++r) acc[r][lane] += XFormat::to_float(rows[r][i + lane]) * a;
+    }
+  }
+  for (int r = 0; r < N; ++r) {
+    float tail = 0.0f;
+    for (int64_t j = i; j < length; ++j) {
+      tail += XFormat::to_float(rows[r][j]) * AFormat::to_float(adapter_row[j]);
+    }
+    const float* a = acc[r];
+    dots[r] = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + tail;
+  }
+}
+
+template <class XFormat, class AFormat, int N>
+void shrink_chunk(const ShrinkArgs& args, const int32_t* tokens, int64_t slot, float* v,
+                  int64_t v_row_stride) {
+  const typename XFormat::Bits* rows[N];
+  for (int r = 0; r < N; ++r) {
+    rows[r] = static_cast<const typename XFormat::Bits*>(args.x) + tokens[r] * args.x_row_stride;
+  }
+  const float scale = args.scales[slot];
+  const auto* a_slot = static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride;
+  float dots[N];
+  for (int64_t k = 0; k < args.ranks[slot]; ++k) {
+    dot_rows<XFormat, AFormat, N>(rows, a_slot + k * args.a_rank_stride, args.h_in, dots);
+    for (int r = 0; r < N; ++r) v[tokens[r] * v_row_stride + k] = scale * dots[r];
+  }
+}
+
+template <class XFormat, class AFormat>
+void shrink_chunk_any(const ShrinkArgs& args, const int32_t* tokens, int64_t count, int64_t slot,
+                      float* v, int64_t v_row_stride) {
+  switch (count) {
+    case 1: return shrink_chunk<XFormat, AFormat, 1>(args, tokens, slot, v, v_row_stride);
+    case 2: return shrink_chunk<XFormat, AFormat, 2>(args, tokens, slot, v, v_row_stride);
+    case 3: return shrink_chunk<XFormat, AFormat, 3>(args, tokens, slot, v, v_row_stride);
+    default: return shrink_chunk<XFormat, AFormat, 4>(args, tokens, slot, v, v_row_stride);
+  }
+}
+
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order,
+                        const Segment& segment, bool* consecutive, int64_t* first,
+                        at::Tensor* indices) {
+  const int32_t* order = token_order.data_ptr<int32_t>();
+  *first = order[segment.begin];
+  // The plan keeps each slot's tokens in ascending order, so this means "consecutive".
+  *consecutive = order[segment.end - 1] - *first == segment.size() - 1;
+  if (*consecutive) return rows_of.narrow(0, *first, segment.size());
+  *indices = token_order.narrow(0, segment.begin, segment.size()).to(at::kLong);
+  return rows_of.index_select(0, *indices);
+}
+
+at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
+                      const at::Tensor& scales, const at::Tensor& token_slots,
+                      const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+  const ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
+  at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
+  if (args.num_tokens == 0 || args.max_rank == 0) return v;
+  const SegmentWork work = split_segments(slot_offsets, args.ranks);
+  for (const Segment& segment : work.long_segments) {
+    bool consecutive;
+    int64_t first;
+    at::Tensor indices;
+    const at::Tensor xs = as_float(segment_rows(x, token_order, segment, &consecutive, &first, &indices));
+    const int64_t rank = args.ranks[segment.slot];
+    const at::Tensor a_rows = as_float(a.select(0, segment.slot).narrow(0, 0, rank));
+    const float scale = args.scales[segment.slot];
+    if (consecutive) {
+      v.narrow(0, first, segment.size()).narrow(1, 0, rank).addmm_(xs, a_rows.t(), 0.0, scale);
+    } else {
+      at::Tensor product = at::mm(xs, a_rows.t());
+      product.mul_(scale);
+      v.narrow(1, 0, rank).index_copy_(0, indices, product);
+    }
+  }
+  const int32_t* order = token_order.data_ptr<int32_t>();
+  float* v_data = v.data_ptr<float>();
+  const int64_t v_row_stride = v.stride(0);
+  AF_FORMAT_SWITCH(args.x_dtype, XFormat, AF_FORMAT_SWITCH(args.a_dtype, AFormat, {
+    at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const Segment& chunk = work.chunks[c];
+        shrink_chunk_any<XFormat, AFormat>(args, order + chunk.begin, chunk.size(), chunk.slot,
+                                           v_data, v_row_stride);
+      }
+    });
+  }));
+  return v;
+}
+
+// Adds each chunk row's fp32 sum into y with a single rounding.
+template <class YFormat>
+void add_rows_into_y(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* tokens,
+                     int64_t count, const float* sums, int64_t sums_row_stride) {
+  for (int64_t r = 0; r < count; ++r) {
+    auto* y = static_cast<typename YFormat::Bits*>(args.y) + tokens[r] * args.y_row_stride + slice.out_offset;
+    const float* sum = sums + r * sums_row_stride;
+    for (int64_t o = 0; o < slice.h_out; ++o) y[o] = YFormat::sum_rounded_once(YFormat::to_float(y[o]), sum[o]);
+  }
+}
+
+template <class YFormat, class BFormat>
+void expand_chunk(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* tokens,
+                  int64_t count, int64_t slot, std::vector<float>& sums) {
+  sums.assign(count * slice.h_out, 0.0f);
+  const auto* b_slot = static_cast<const typename BFormat::Bits*>(slice.b) + slot * slice.slot_stride;
+  const int64_t rank = args.ranks[slot];
+  for (int64_t k = 0; k < rank; ++k) {
+    const auto* b_row = b_slot + k * slice.rank_stride;
+    for (int64_t r = 0; r < count; ++r) {
+      const float vk = args.v[tokens[r] * args.v_row_stride + slice.v_column + k];
+      float* sum = sums.data() + r * slice.h_out;
+      for (int64_t o = 0; o < slice.h_out; ++o) sum[o] += vk * BFormat::to_float(b_row[o]);
+    }
+  }
+  add_rows_into_y<YFormat>(args, slice, tokens, count, sums.data(), slice.h_out);
+}
+
+void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
+                c10::IntArrayRef out_offsets, const at::Tensor& ranks, const at::Tensor& token_slots,
+                const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+  const ExpandArgs args = expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
+  if (args.num_tokens == 0) return;
+  const SegmentWork work = split_segments(slot_offsets, args.ranks);
+  const int32_t* order = token_order.data_ptr<int32_t>();
+  for (const Segment& segment : work.long_segments) {
+    bool consecutive;
+    int64_t first;
+    at::Tensor indices;
+    const at::Tensor vs = segment_rows(v, token_order, segment, &consecutive, &first, &indices);
+    const int64_t rank = args.ranks[segment.slot];
+    for (int i = 0; i < args.num_slices; ++i) {
+      const ExpandSlice& slice = args.slices[i];
+      const at::Tensor v_slice = vs.narrow(1, slice.v_column, rank);
+      const at::Tensor b_rows = as_float(b[i].select(0, segment.slot).narrow(0, 0, rank));
+      if (consecutive && y.scalar_type() == at::kFloat) {
+        y.narrow(0, first, segment.size()).narrow(1, slice.out_offset, slice.h_out).addmm_(v_slice, b_rows);
+        continue;
+      }
+      const at::Tensor sums = at::mm(v_slice, b_rows);
+      const float* sums_data = sums.data_ptr<float>();
+      AF_FORMAT_SWITCH(args.y_dtype, YFormat, {
+        at::parallel_for(0, segment.size(), 16, [&](int64_t begin, int64_t end) {
+          add_rows_into_y<YFormat>(args, slice, order + segment.begin + begin, end - begin,
+                                   sums_data + begin * sums.stride(0), sums.stride(0));
+        });
+      });
+    }
+  }
+  AF_FORMAT_SWITCH(args.y_dtype, YFormat, AF_FORMAT_SWITCH(args.b_dtype, BFormat, {
+    at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sums;
+      for (int64_t c = begin; c < end; ++c) {
+        const Segment& chunk = work.chunks[c];
+        for (int i = 0; i < args.num_slices; ++i) {
+          expand_chunk<YFormat, BFormat>(args, args.slices[i], order + chunk.begin, chunk.size(),
+                                         chunk.slot, sums);
+        }
+      }
+    });
+  }));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaptfuse, CPU, m) {
+  m.impl("shrink", &shrink_cpu);
+  m.impl("expand_", &expand_cpu);
+}
+
+}  // namespace adaptfuse

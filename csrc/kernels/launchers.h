@@ -1,0 +1,36 @@
+// Host launchers of the CUDA kernels: raw pointers, sizes, strides and a stream in, a
+// cudaError_t out. No torch headers: csrc/cuda/ holds the torch-side glue.
+//
+// These are the foundation's simple kernels: correct for every shape, dtype and rank, and
+// the baseline that the BGMV/SGMV/merge kernels of later work are measured against.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "kernels/float_formats.cuh"
+#include "kernels/merge_math.cuh"
+#include "kernels/op_args.h"
+
+namespace adaptfuse {
+
+cudaError_t launch_plan(const PlanArgs& args, cudaStream_t stream);
+
+cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream);
+
+cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream);
+
+// Pass 1 (W untouched): per tile, the number of record entries, of escapes and of elements
+// that would turn non-finite. tile_stats: int32 [num_tiles, 3].
+cudaError_t launch_merge_count(const MergeArgs& args, int32_t* tile_stats, cudaStream_t stream);
+// Pass 2: writes the merged W and the record; entry_starts/escape_starts: int64 [num_tiles].
+cudaError_t launch_merge_apply(const MergeArgs& args, const int64_t* entry_starts,
+                               const int64_t* escape_starts, int16_t* offsets,
+                               int8_t* corrections, int32_t* escape_bits, cudaStream_t stream);
+// Subtracts the same delta and restores the recorded elements.
+cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts,
+                           const int64_t* entry_starts, const int64_t* escape_starts,
+                           const int16_t* offsets, const int8_t* corrections,
+                           const int32_t* escape_bits, cudaStream_t stream);
+
+}  // namespace adaptfuse

@@ -1,0 +1,56 @@
+// Argument structs of the ops: raw pointers, sizes and strides. Free of torch and of the
+// CUDA runtime, so the CPU ops, the CUDA launchers and the emulator share them; the torch
+// side fills them in one place (csrc/arguments.cpp) after checking every tensor.
+#pragma once
+
+#include <stdint.h>
+
+#include "kernels/float_formats.cuh"
+
+namespace adaptfuse {
+
+// plan: tokens grouped by slot (stable), slot s owning token_order[slot_offsets[s] :
+// slot_offsets[s + 1]]; tokens without a slot (-1 or out of range) follow, in order.
+struct PlanArgs {
+  const int32_t* token_slots;  // [T]
+  int64_t num_tokens;
+  int64_t num_slots;
+  int32_t* token_order;   // [T]
+  int32_t* slot_offsets;  // [S + 1]
+};
+// shrink: v[t, k] = scales[s] * dot(x[t], A[s, k]) for k < ranks[s], else 0 (s = slot of t).
+struct ShrinkArgs {
+  const void* x;  // [T, H_in], inner stride 1
+  int64_t x_row_stride;
+  DType x_dtype;
+  const void* a;  // [S, R_max, H_in], inner stride 1
+  int64_t a_slot_stride, a_rank_stride;
+  DType a_dtype;
+  int64_t num_slots, max_rank, h_in, num_tokens;
+  const int32_t* ranks;        // [S]
+  const float* scales;         // [S]
+  const int32_t* token_slots;  // [T]
+  float* v;                    // [T, R_max], inner stride 1
+  int64_t v_row_stride;
+};
+// expand: y[t, off_i + o] += sum_k v[t, col_i + k] * B_i[s, k, o], k < ranks[s], per slice i.
+constexpr int kMaxExpandSlices = 8;
+struct ExpandSlice {
+  const void* b;  // [S, R_max_i, H_out_i], inner stride 1
+  int64_t slot_stride, rank_stride;
+  int64_t max_rank, h_out, out_offset, v_column;
+};
+struct ExpandArgs {
+  void* y;  // [T, *], inner stride 1
+  int64_t y_row_stride;
+  DType y_dtype;
+  DType b_dtype;
+  const float* v;  // [T, sum_i R_max_i]
+  int64_t v_row_stride;
+  const int32_t* ranks;        // [S]
+  const int32_t* token_slots;  // [T]
+  int64_t num_slots, num_tokens;
+  int num_slices;
+  ExpandSlice slices[kMaxExpandSlices];
+};
+}  // namespace adaptfuse
