@@ -1,0 +1,96 @@
+"""The oracle: every op of adaptfuse.ops in plain torch, float64 by default.
+
+Nothing here is fast or clever on purpose; tests and benchmarks compare against these
+functions and never against the code under test. Semantics: DESIGN.md, "The ops".
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def valid_slots(token_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Bool [T]: which tokens have an adapter slot."""
+    return (token_slots >= 0) & (token_slots < num_slots)
+
+
+def plan(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_order (stable grouping by slot, tokens without a slot last) and slot_offsets."""
+    slots = token_slots.long()
+    bucket = torch.where(valid_slots(slots, num_slots), slots, torch.full_like(slots, num_slots))
+    token_order = torch.sort(bucket, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(bucket, minlength=num_slots + 1)[:num_slots]
+    slot_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return token_order, slot_offsets
+
+
+def shrink(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """v[t, :rank(s)] = scales[s] * x[t] @ A[s, :rank(s)]^T, computed in ``dtype``."""
+    num_tokens, max_rank = x.shape[0], A.shape[1]
+    v = torch.zeros(num_tokens, max_rank, dtype=dtype, device=x.device)
+    for slot in range(A.shape[0]):
+        rows = (token_slots == slot).nonzero().flatten()
+        rank = int(ranks[slot])
+        if rows.numel() == 0 or rank == 0:
+            continue
+        product = x[rows].to(dtype) @ A[slot, :rank].to(dtype).T
+        v[rows, :rank] = product * scales[slot].to(dtype)
+    return v
+
+
+def expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    B: Sequence[torch.Tensor],
+    out_offsets: Sequence[int],
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """A new tensor: y + v @ B per output slice, in ``dtype`` (y itself is not touched)."""
+    out = y.to(dtype).clone()
+    v_column = 0
+    for bank, offset in zip(B, out_offsets):
+        width = bank.shape[2]
+        for slot in range(bank.shape[0]):
+            rows = (token_slots == slot).nonzero().flatten()
+            rank = int(ranks[slot])
+            if rows.numel() == 0 or rank == 0:
+                continue
+            update = v[rows, v_column : v_column + rank].to(dtype) @ bank[slot, :rank].to(dtype)
+            out[rows, offset : offset + width] += update
+        v_column += bank.shape[1]
+    return out
+
+
+def merge_delta(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """sum_i coefficients[i] * B_i^T @ A_i, [H_out, H_in], in ``dtype``."""
+    delta = None
+    for a, b, coefficient in zip(A, B, coefficients):
+        term = float(coefficient) * (b.to(dtype).T @ a.to(dtype))
+        delta = term if delta is None else delta + term
+    return delta
+
+
+def merge(
+    W: torch.Tensor,
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+) -> torch.Tensor:
+    """A new tensor: W + delta computed in float64, rounded once into W's dtype."""
+    return (W.double() + merge_delta(A, B, coefficients)).to(W.dtype)

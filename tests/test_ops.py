@@ -1,0 +1,189 @@
+"""plan, shrink and expand_ against adaptfuse.reference, over pairwise-combined shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptfuse import ops, reference
+from conftest import DEVICES, assert_within_torch_error
+from pairwise import case_id, pairwise_cases
+
+SIZES = [1, 7, 64, 127, 1000, 4097]
+RANKS = [1, 8, 16, 64, 256, 512]
+TOKENS = [0, 1, 3, 64, 1000]
+# How requests share adapters (Punica's "popularity"), plus the no-adapter cases.
+POPULARITY = ["single", "distinct", "uniform", "segments", "some_none", "all_none"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def num_slots_for(popularity: str, num_tokens: int) -> int:
+    return {"single": 3, "distinct": max(num_tokens, 1), "all_none": 2}.get(popularity, 4)
+
+
+def feasible(case: dict) -> bool:
+    slots = num_slots_for(case["popularity"], case["tokens"])
+    width = case["h_in"] + case["h_out"]
+    # Keep the float64 reference and the banks small enough for a 2-core CI machine.
+    return slots * case["rank"] * width <= 24e6 and case["tokens"] * case["rank"] * width <= 60e6
+
+
+CASES = pairwise_cases(
+    {
+        "h_in": SIZES,
+        "h_out": SIZES,
+        "rank": RANKS,
+        "tokens": TOKENS,
+        "popularity": POPULARITY,
+        "ranks": ["full", "mixed"],
+        "dtype": DTYPES,
+        "layout": ["contiguous", "strided"],
+    },
+    allowed=feasible,
+)
+
+
+def token_slots_for(popularity: str, num_tokens: int, num_slots: int, gen) -> torch.Tensor:
+    if popularity == "single":
+        slots = torch.full((num_tokens,), 1)
+    elif popularity == "distinct":
+        slots = torch.randperm(num_tokens, generator=gen)
+    elif popularity == "uniform":
+        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
+    elif popularity == "segments":  # prefill layout: consecutive runs of one adapter
+        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen).sort().values
+    elif popularity == "some_none":
+        slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
+    else:
+        slots = torch.full((num_tokens,), -1)
+    return slots.to(torch.int32)
+
+
+def ranks_for(kind: str, num_slots: int, max_rank: int, gen) -> torch.Tensor:
+    if kind == "full":
+        return torch.full((num_slots,), max_rank, dtype=torch.int32)
+    ranks = torch.randint(0, max_rank + 1, (num_slots,), generator=gen)
+    ranks[0] = max_rank
+    return ranks.to(torch.int32)
+
+
+def make_operand(shape, dtype, device, layout, gen, scale=1.0):
+    """A random tensor; with layout "strided", a view into a larger buffer (row strides and
+    slot strides larger than the shape), unit stride along the last dimension."""
+    if layout == "contiguous":
+        return (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+    padded = list(shape)
+    padded[-1] += 5
+    if len(shape) == 3:
+        padded[1] += 3
+    big = (torch.randn(padded, generator=gen) * scale).to(dtype).to(device)
+    view = big[..., 2 : 2 + shape[-1]]
+    return view[:, : shape[1]] if len(shape) == 3 else view
+
+
+def build_case(case: dict, device: str):
+    gen = torch.Generator().manual_seed(hash(case_id(case)) % (2**31))
+    num_tokens, rank, dtype = case["tokens"], case["rank"], case["dtype"]
+    num_slots = num_slots_for(case["popularity"], num_tokens)
+    token_slots = token_slots_for(case["popularity"], num_tokens, num_slots, gen)
+    ranks = ranks_for(case["ranks"], num_slots, rank, gen)
+    scales = (torch.rand(num_slots, generator=gen) * 2 + 0.25).float()
+    x = make_operand((num_tokens, case["h_in"]), dtype, device, case["layout"], gen)
+    A = make_operand((num_slots, rank, case["h_in"]), dtype, device, case["layout"], gen, case["h_in"] ** -0.5)
+    B = make_operand((num_slots, rank, case["h_out"]), dtype, device, case["layout"], gen, rank**-0.5)
+    y = make_operand((num_tokens, case["h_out"]), dtype, device, case["layout"], gen)
+    return x, A, B, y, token_slots.to(device), ranks.to(device), scales.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_shrink_expand_match_reference(case, device):
+    x, A, B, y, token_slots, ranks, scales = build_case(case, device)
+    plan = ops.plan(token_slots, A.shape[0])
+    expected_order, expected_offsets = reference.plan(token_slots.cpu(), A.shape[0])
+    assert torch.equal(plan.token_order.cpu(), expected_order)
+    assert torch.equal(plan.slot_offsets.cpu(), expected_offsets)
+
+    v = ops.shrink(x, A, ranks, scales, plan)
+    assert v.dtype == torch.float32 and v.shape == (x.shape[0], A.shape[1])
+    exact_v = reference.shrink(x, A, ranks, scales, token_slots)
+    plain_v = reference.shrink(x, A, ranks, scales, token_slots, dtype=case["dtype"])
+    assert_within_torch_error(v, exact_v, plain_v, torch.float32, "shrink")
+    # Columns beyond each token's rank, and rows without a slot, are exactly zero.
+    slots = token_slots.long().cpu()
+    token_rank = torch.where(slots >= 0, ranks.cpu().long()[slots.clamp(min=0)], 0)
+    must_be_zero = torch.arange(A.shape[1])[None, :] >= token_rank[:, None]
+    assert bool((v.cpu()[must_be_zero] == 0).all())
+
+    y_before = y.clone()
+    exact_y = reference.expand(y, v, [B], [0], ranks, token_slots)
+    plain_y = reference.expand(y, v, [B], [0], ranks, token_slots, dtype=case["dtype"])
+    ops.expand_(y, v, [B], [0], ranks, plan)
+    assert_within_torch_error(y, exact_y, plain_y, case["dtype"], "expand_")
+    untouched = (token_slots < 0).cpu()
+    assert torch.equal(y.cpu()[untouched], y_before.cpu()[untouched])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expand_several_output_slices(device, dtype):
+    """A fused projection: three slices of different rank capacity and width, with gaps,
+    given out of column order, in one launch."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, num_slots = 37, 5
+    slot_ranks = [(8, 96), (16, 33), (4, 200)]  # (R_max_i, H_out_i)
+    offsets = [250, 0, 40]
+    B = [(torch.randn(num_slots, r, h, generator=gen) / r**0.5).to(dtype).to(device) for r, h in slot_ranks]
+    v = torch.randn(num_tokens, sum(r for r, _ in slot_ranks), generator=gen).to(device)
+    y = torch.randn(num_tokens, 460, generator=gen).to(dtype).to(device)
+    token_slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).to(torch.int32).to(device)
+    ranks = torch.tensor([4, 1, 0, 3, 2], dtype=torch.int32, device=device)
+    plan = ops.plan(token_slots, num_slots)
+    exact = reference.expand(y, v, B, offsets, ranks, token_slots)
+    plain = reference.expand(y, v, B, offsets, ranks, token_slots, dtype=dtype)
+    y_before = y.clone()
+    ops.expand_(y, v, B, offsets, ranks, plan)
+    assert_within_torch_error(y, exact, plain, dtype, "expand_ slices")
+    # Columns no slice covers are untouched.
+    gap = torch.cat([torch.arange(33, 40), torch.arange(240, 250), torch.arange(450, 460)])
+    assert torch.equal(y[:, gap].cpu(), y_before[:, gap].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_input_and_adapter_dtypes(device):
+    """Trainable adapters keep fp32 banks inside a bf16 model: x and A may differ in dtype."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 130, generator=gen).to(torch.bfloat16).to(device)
+    A = (torch.randn(3, 8, 130, generator=gen) / 11).to(device)
+    B = (torch.randn(3, 8, 70, generator=gen) / 3).to(device)
+    y = torch.randn(9, 70, generator=gen).to(torch.bfloat16).to(device)
+    token_slots = torch.tensor([0, 1, 2, -1, 0, 1, 2, 2, 0], dtype=torch.int32, device=device)
+    ranks = torch.tensor([8, 3, 5], dtype=torch.int32, device=device)
+    scales = torch.tensor([0.5, 2.0, 1.0], device=device)
+    plan = ops.plan(token_slots, 3)
+    v = ops.shrink(x, A, ranks, scales, plan)
+    exact_v = reference.shrink(x, A, ranks, scales, token_slots)
+    assert_within_torch_error(v, exact_v, reference.shrink(x, A, ranks, scales, token_slots, torch.float32), torch.float32)
+    exact_y = reference.expand(y, v, [B], [0], ranks, token_slots)
+    ops.expand_(y, v, [B], [0], ranks, plan)
+    assert_within_torch_error(y, exact_y, reference.expand(y, v, [B], [0], ranks, token_slots, torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_are_deterministic(device):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 513, generator=gen).to(device)
+    A = torch.randn(6, 16, 513, generator=gen).to(device)
+    B = torch.randn(6, 16, 257, generator=gen).to(device)
+    token_slots = torch.randint(-1, 6, (300,), generator=gen).to(torch.int32).to(device)
+    ranks = torch.tensor([16, 8, 1, 16, 5, 12], dtype=torch.int32, device=device)
+    scales = torch.ones(6, device=device)
+    outputs = []
+    for _ in range(3):
+        plan = ops.plan(token_slots, 6)
+        v = ops.shrink(x, A, ranks, scales, plan)
+        y = torch.zeros(300, 257, device=device)
+        ops.expand_(y, v, [B], [0], ranks, plan)
+        outputs.append((v.cpu(), y.cpu()))
+    for v, y in outputs[1:]:
+        assert torch.equal(v, outputs[0][0]) and torch.equal(y, outputs[0][1])
