@@ -23,7 +23,8 @@ BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer bit patterns: -0.0 != 0.0 and NaN payloads count."""
-    return t.detach().contiguous().view(BIT_VIEW[t.dtype]).cpu()
+    t = t.detach().contiguous()
+    return (t.view(BIT_VIEW[t.dtype]) if t.is_floating_point() else t).cpu()
 
 
 def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor"):
