@@ -68,7 +68,9 @@ def sources(pattern):
 # No -std flag: torch picks the standard its headers need (C++20 for 2.14, C++17 before).
 # -ffp-contract=off: merge and unmerge must compute bit-identical deltas, so no FMA
 # contraction may differ between the two; it also keeps the CPU delta equal to the CUDA one.
-cxx_flags = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing"]
+# -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
+cxx_flags = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing", "-fopenmp"]
+link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 
@@ -80,6 +82,7 @@ if CUDA_HOME:
         + sources("csrc/kernels/*.cu"),
         include_dirs=include_dirs + cuda_includes,
         define_macros=define_macros + [("ADAPTFUSE_WITH_CUDA", "1")],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             # No global --fmad=false: the merge kernels spell their adds and multiplies
@@ -94,6 +97,7 @@ else:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(

@@ -103,6 +103,22 @@ void shrink_chunk_any(const ShrinkArgs& args, const int32_t* tokens, int64_t cou
   }
 }
 
+// Runs fn(segment) for every long segment. With at least as many segments as threads and a
+// BLAS whose threads can be pinned, segments run in parallel with single-threaded GEMMs
+// (small GEMMs split poorly across threads); otherwise one after another, each GEMM using
+// every thread.
+template <class Fn>
+void for_each_long_segment(const SegmentWork& work, Fn&& fn) {
+  const int64_t count = static_cast<int64_t>(work.long_segments.size());
+  if (count >= at::get_num_threads() && count > 1) {
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(work.long_segments[i]);
+    });
+  } else {
+    for (const Segment& segment : work.long_segments) fn(segment);
+  }
+}
+
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order,
@@ -124,7 +140,7 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
   if (args.num_tokens == 0 || args.max_rank == 0) return v;
   const SegmentWork work = split_segments(slot_offsets, args.ranks);
-  for (const Segment& segment : work.long_segments) {
+  for_each_long_segment(work, [&](const Segment& segment) {
     bool consecutive;
     int64_t first;
     at::Tensor indices;
@@ -139,7 +155,7 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
       product.mul_(scale);
       v.narrow(1, 0, rank).index_copy_(0, indices, product);
     }
-  }
+  });
   const int32_t* order = token_order.data_ptr<int32_t>();
   float* v_data = v.data_ptr<float>();
   const int64_t v_row_stride = v.stride(0);
@@ -190,7 +206,7 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
   if (args.num_tokens == 0) return;
   const SegmentWork work = split_segments(slot_offsets, args.ranks);
   const int32_t* order = token_order.data_ptr<int32_t>();
-  for (const Segment& segment : work.long_segments) {
+  for_each_long_segment(work, [&](const Segment& segment) {
     bool consecutive;
     int64_t first;
     at::Tensor indices;
@@ -213,7 +229,7 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
         });
       });
     }
-  }
+  });
   AF_FORMAT_SWITCH(args.y_dtype, YFormat, AF_FORMAT_SWITCH(args.b_dtype, BFormat, {
     at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> sums;

@@ -1,0 +1,103 @@
+"""Timing and result-writing helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} threads={torch.get_num_threads()}"
+
+
+def versions() -> dict:
+    import adaptfuse
+
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "adaptfuse": adaptfuse.__version__,
+        "adaptfuse_cuda_built": adaptfuse.cuda_built(),
+    }
+    for name in ("transformers", "peft"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int, device: str,
+                        warmup: int = 3) -> dict[str, dict]:
+    """Runs the candidates round-robin (A B C A B C ...), so that drifts in clock speed or
+    load hit all of them alike, and reports median and spread in microseconds."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            if device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) * 1e3)
+            else:
+                begin = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - begin) * 1e6)
+    return {
+        name: {
+            "median_us": statistics.median(values),
+            "min_us": min(values),
+            "max_us": max(values),
+            "repeats": len(values),
+        }
+        for name, values in samples.items()
+    }
+
+
+def write_result(kind: str, device: str, payload: dict, out_dir: str | None = None) -> str:
+    """benchmarks/results/<date>_<device>_<kind>.json with setup, device and versions."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    name = device_name(device)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name.split(" x")[0]).strip("-").lower()[:40]
+    date = datetime.date.today().isoformat()
+    path = os.path.join(out_dir, f"{date}_{slug}_{kind}.json")
+    document = {"benchmark": kind, "date": date, "device": name, "versions": versions(), **payload}
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)
+    return path
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
