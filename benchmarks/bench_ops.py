@@ -75,7 +75,7 @@ def main(argv=None):
     if args.device.startswith("cuda") and not adaptfuse.cuda_available():
         raise SystemExit("bench_ops: --device cuda needs a GPU and the CUDA build")
     result = run(args)
-    path = write_result("ops", args.device, result, args.out_dir)
+    path = write_result(f"ops_{args.dtype}", args.device, result, args.out_dir)
     rows = [(name, f"{t['median_us']:.1f}", f"{t['min_us']:.1f}") for name, t in result["timings"].items()]
     print(table(rows, ["candidate", "median us", "min us"]))
     print(f"adaptfuse / dense single adapter = {result['ratio_adaptfuse_over_dense']:.3f} (target <= 1.10)")
