@@ -10,7 +10,7 @@ STAMPS := $(VENV)/.adaptfuse-stamps
 PYTEST_ARGS ?=
 STAGE ?= build-test
 
-.PHONY: install build test test-full demo bench lint gpu-check clean
+.PHONY: install build ctest test test-full demo bench lint gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ install: $(STAMPS)/deps
 build: $(STAMPS)/deps
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+# The torch-free kernel project (cmake/): host tests of the shared arithmetic under ctest.
+ctest:
+	cmake -S cmake -B cmake-build -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build cmake-build -j2
+	ctest --test-dir cmake-build --output-on-failure
+
+test: build ctest
 	$(PY) scripts/run_pytest.py -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test-full: build
@@ -53,4 +59,4 @@ gpu-check:
 	bash scripts/gpu_check.sh $(STAGE)
 
 clean:
-	rm -rf build adaptfuse/_C*.so *.egg-info
+	rm -rf build cmake-build adaptfuse/_C*.so *.egg-info
