@@ -15,13 +15,16 @@
 #include <vector>
 
 #include "arguments.h"
+#include "cpu/simd_lora.h"
 #include "kernels/dispatch.h"
 
 namespace adaptfuse {
 namespace {
 
 constexpr int64_t kGemmMinTokens = 16;
-constexpr int kTokensPerChunk = 4;
+constexpr int64_t kTokensPerChunk = 4;          // portable loops
+constexpr int64_t kSimdExpandChunk = kGemmMinTokens;  // vector expand: tokens per work item
+constexpr int64_t kSimdExpandColumns = 512;     // vector expand: outputs per work item
 
 // Tokens token_order[begin:end] all use `slot`.
 struct Segment {
@@ -31,22 +34,25 @@ struct Segment {
 
 struct SegmentWork {
   std::vector<Segment> long_segments;  // GEMM path
-  std::vector<Segment> chunks;         // loop path, at most kTokensPerChunk tokens each
+  std::vector<Segment> chunks;         // loop path, at most chunk_tokens tokens each
 };
 
-SegmentWork split_segments(const at::Tensor& slot_offsets, const int32_t* ranks) {
+// Segments of at least gemm_min_tokens tokens go to the GEMM path, the rest is cut into
+// chunks of at most chunk_tokens tokens.
+SegmentWork split_segments(const at::Tensor& slot_offsets, const int32_t* ranks,
+                           int64_t gemm_min_tokens, int64_t chunk_tokens) {
   SegmentWork work;
   const int32_t* offsets = slot_offsets.data_ptr<int32_t>();
   const int64_t num_slots = slot_offsets.size(0) - 1;
   for (int64_t s = 0; s < num_slots; ++s) {
     const Segment segment{s, offsets[s], offsets[s + 1]};
     if (segment.size() == 0 || ranks[s] == 0) continue;
-    if (segment.size() >= kGemmMinTokens) {
+    if (segment.size() >= gemm_min_tokens) {
       work.long_segments.push_back(segment);
       continue;
     }
-    for (int64_t begin = segment.begin; begin < segment.end; begin += kTokensPerChunk) {
-      work.chunks.push_back({s, begin, std::min(begin + kTokensPerChunk, segment.end)});
+    for (int64_t begin = segment.begin; begin < segment.end; begin += chunk_tokens) {
+      work.chunks.push_back({s, begin, std::min(begin + chunk_tokens, segment.end)});
     }
   }
   return work;
@@ -95,6 +101,17 @@ void shrink_chunk(const ShrinkArgs& args, const int32_t* tokens, int64_t slot, f
 template <class XFormat, class AFormat>
 void shrink_chunk_any(const ShrinkArgs& args, const int32_t* tokens, int64_t count, int64_t slot,
                       float* v, int64_t v_row_stride) {
+  const void* x_rows[kSimdShrinkChunk];
+  float* v_rows[kSimdShrinkChunk];
+  for (int64_t r = 0; r < count; ++r) {
+    x_rows[r] = static_cast<const typename XFormat::Bits*>(args.x) + tokens[r] * args.x_row_stride;
+    v_rows[r] = v + tokens[r] * v_row_stride;
+  }
+  const void* a_slot = static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride;
+  if (shrink_rows_simd(args.x_dtype, args.a_dtype, x_rows, static_cast<int>(count), a_slot,
+                       args.a_rank_stride, args.ranks[slot], args.h_in, args.scales[slot], v_rows)) {
+    return;
+  }
   switch (count) {
     case 1: return shrink_chunk<XFormat, AFormat, 1>(args, tokens, slot, v, v_row_stride);
     case 2: return shrink_chunk<XFormat, AFormat, 2>(args, tokens, slot, v, v_row_stride);
@@ -139,7 +156,12 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   const ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
   if (args.num_tokens == 0 || args.max_rank == 0) return v;
-  const SegmentWork work = split_segments(slot_offsets, args.ranks);
+  // With a vector kernel, every segment goes through it: it matches the BLAS on these skinny
+  // products and parallelises over chunks without nesting BLAS threads.
+  const bool vector_kernel = shrink_simd_available(args.x_dtype, args.a_dtype);
+  const SegmentWork work =
+      vector_kernel ? split_segments(slot_offsets, args.ranks, INT64_MAX, kSimdShrinkChunk)
+                    : split_segments(slot_offsets, args.ranks, kGemmMinTokens, kTokensPerChunk);
   for_each_long_segment(work, [&](const Segment& segment) {
     bool consecutive;
     int64_t first;
@@ -185,8 +207,8 @@ void add_rows_into_y(const ExpandArgs& args, const ExpandSlice& slice, const int
 template <class YFormat, class BFormat>
 void expand_chunk(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* tokens,
                   int64_t count, int64_t slot, std::vector<float>& sums) {
-  sums.assign(count * slice.h_out, 0.0f);
   const auto* b_slot = static_cast<const typename BFormat::Bits*>(slice.b) + slot * slice.slot_stride;
+  sums.assign(count * slice.h_out, 0.0f);
   const int64_t rank = args.ranks[slot];
   for (int64_t k = 0; k < rank; ++k) {
     const auto* b_row = b_slot + k * slice.rank_stride;
@@ -199,12 +221,53 @@ void expand_chunk(const ExpandArgs& args, const ExpandSlice& slice, const int32_
   add_rows_into_y<YFormat>(args, slice, tokens, count, sums.data(), slice.h_out);
 }
 
+// The vector path for short segments: work items of (chunk of one slot's tokens, slice,
+// range of outputs), so that decode batches of a few tokens still spread over every thread.
+// (Long segments stay on the GEMM path: measured faster there on AVX-512 machines.)
+void expand_vectorized(const ExpandArgs& args, const std::vector<Segment>& chunks,
+                       const at::Tensor& token_order) {
+  struct Item {
+    Segment chunk;
+    int slice;
+    int64_t o_begin, o_end;
+  };
+  std::vector<Item> items;
+  for (const Segment& chunk : chunks) {
+    for (int i = 0; i < args.num_slices; ++i) {
+      for (int64_t o = 0; o < args.slices[i].h_out; o += kSimdExpandColumns) {
+        items.push_back({chunk, i, o, std::min(o + kSimdExpandColumns, args.slices[i].h_out)});
+      }
+    }
+  }
+  const int32_t* order = token_order.data_ptr<int32_t>();
+  const int64_t y_element_bytes = args.y_dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t b_element_bytes = args.b_dtype == DType::kFloat32 ? 4 : 2;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    void* y_rows[kSimdExpandChunk];
+    const float* v_rows[kSimdExpandChunk];
+    for (int64_t n = begin; n < end; ++n) {
+      const Item& item = items[n];
+      const ExpandSlice& slice = args.slices[item.slice];
+      for (int64_t r = 0; r < item.chunk.size(); ++r) {
+        const int64_t t = order[item.chunk.begin + r];
+        y_rows[r] = static_cast<char*>(args.y) + (t * args.y_row_stride + slice.out_offset) * y_element_bytes;
+        v_rows[r] = args.v + t * args.v_row_stride + slice.v_column;
+      }
+      const void* b_slot = static_cast<const char*>(slice.b) + item.chunk.slot * slice.slot_stride * b_element_bytes;
+      expand_rows_simd(args.y_dtype, args.b_dtype, y_rows, v_rows, static_cast<int>(item.chunk.size()), b_slot,
+                       slice.rank_stride, args.ranks[item.chunk.slot], item.o_begin, item.o_end);
+    }
+  });
+}
+
 void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                 c10::IntArrayRef out_offsets, const at::Tensor& ranks, const at::Tensor& token_slots,
                 const at::Tensor& token_order, const at::Tensor& slot_offsets) {
   const ExpandArgs args = expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
   if (args.num_tokens == 0) return;
-  const SegmentWork work = split_segments(slot_offsets, args.ranks);
+  const bool vector_kernel = expand_simd_available(args.y_dtype, args.b_dtype);
+  const SegmentWork work = split_segments(slot_offsets, args.ranks, kGemmMinTokens,
+                                          vector_kernel ? kSimdExpandChunk : kTokensPerChunk);
   const int32_t* order = token_order.data_ptr<int32_t>();
   for_each_long_segment(work, [&](const Segment& segment) {
     bool consecutive;
@@ -230,6 +293,10 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
       });
     }
   });
+  if (vector_kernel) {
+    expand_vectorized(args, work.chunks, token_order);
+    return;
+  }
   AF_FORMAT_SWITCH(args.y_dtype, YFormat, AF_FORMAT_SWITCH(args.b_dtype, BFormat, {
     at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> sums;

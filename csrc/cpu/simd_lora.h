@@ -1,0 +1,35 @@
+// Vectorised CPU kernels for shrink and expand over a chunk of tokens that share one adapter.
+// Chosen at run time from the CPU's features (the build targets plain x86-64); callers fall
+// back to portable loops when shrink_rows_simd returns false.
+#pragma once
+
+#include <stdint.h>
+
+#include "kernels/float_formats.cuh"
+
+namespace adaptfuse {
+
+// Token rows per shrink call: their H_in block stays in L1 beside the adapter rows' block.
+constexpr int kSimdShrinkChunk = 8;
+
+// v_rows[i][k] = scale * dot(x_rows[i], A[k]) for k < rank, where A[k] starts at
+// a_slot + k * a_rank_stride elements; count <= kSimdShrinkChunk. Each dot product is summed in
+// a fixed order (deterministic). Returns false when no vector kernel fits this CPU/dtypes.
+bool shrink_rows_simd(DType x_dtype, DType a_dtype, const void* const* x_rows, int count,
+                      const void* a_slot, int64_t a_rank_stride, int64_t rank, int64_t h_in,
+                      float scale, float* const* v_rows);
+
+// y_rows[i][o] += sum_k v_rows[i][k] * B[k][o] for o in [o_begin, o_end), k < rank, where
+// B[k] starts at b_slot + k * b_rank_stride elements (y_rows and B already offset to the
+// slice); the fp32 sum (in k order) is rounded once into y's dtype.
+bool expand_rows_simd(DType y_dtype, DType b_dtype, void* const* y_rows, const float* const* v_rows,
+                      int count, const void* b_slot, int64_t b_rank_stride, int64_t rank,
+                      int64_t o_begin, int64_t o_end);
+
+// Whether expand_rows_simd has a kernel for this CPU and these dtypes.
+bool expand_simd_available(DType y_dtype, DType b_dtype);
+
+// Whether shrink_rows_simd has a kernel for this CPU and these dtypes.
+bool shrink_simd_available(DType x_dtype, DType a_dtype);
+
+}  // namespace adaptfuse
