@@ -100,7 +100,17 @@ else:
         extra_link_args=link_flags,
     )
 
+# Test-only: the CUDA kernel sources compiled as plain C++ against the CPU emulator
+# (csrc/emu), registered as torch.ops.adaptfuse_emu.*; built on every machine.
+emu_ext = CppExtension(
+    "adaptfuse._emu",
+    sources=sources("csrc/emu/*.cpp") + ["csrc/arguments.cpp"],
+    include_dirs=include_dirs,
+    define_macros=[("ADAPTFUSE_EMU", "1")],
+    extra_compile_args={"cxx": ["-O2", "-ffp-contract=off", "-fno-strict-aliasing"]},
+)
+
 setup(
-    ext_modules=[ext],
+    ext_modules=[ext, emu_ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

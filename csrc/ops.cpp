@@ -1,27 +1,15 @@
-// Every schema of the adaptfuse ops, in one place. Backends add TORCH_LIBRARY_IMPL blocks
-// (csrc/cpu/, csrc/cuda/); fake impls for torch.compile live in adaptfuse/ops.py.
+// The adaptfuse op library: schemas from op_schemas.h; backends add TORCH_LIBRARY_IMPL
+// blocks (csrc/cpu/, csrc/cuda/); fake impls for torch.compile live in adaptfuse/ops.py.
 // Storage and semantics: ../DESIGN.md "The ops"; argument checks: arguments.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "op_schemas.h"
+
 TORCH_LIBRARY(adaptfuse, m) {
-  // Tokens grouped by slot: token_order [T] int32, slot_offsets [S + 1] int32.
-  m.def("plan(Tensor token_slots, int num_slots) -> (Tensor token_order, Tensor slot_offsets)");
-  // v [T, R_max] fp32: v[t, :rank(s)] = scales[s] * x[t] @ A[s, :rank(s)]^T, zero elsewhere.
-  m.def(
-      "shrink(Tensor x, Tensor A, Tensor ranks, Tensor scales, Tensor token_slots, "
-      "Tensor token_order, Tensor slot_offsets) -> Tensor");
-  // y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)].
-  m.def(
-      "expand_(Tensor(a!) y, Tensor v, Tensor[] B, int[] out_offsets, Tensor ranks, "
-      "Tensor token_slots, Tensor token_order, Tensor slot_offsets) -> ()");
-  // W += sum_i coefficients[i] * B_i^T @ A_i; returns the exact-restore record.
-  m.def(
-      "merge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients) -> "
-      "(Tensor tile_counts, Tensor offsets, Tensor corrections, Tensor escape_bits)");
-  m.def(
-      "unmerge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients, Tensor tile_counts, "
-      "Tensor offsets, Tensor corrections, Tensor escape_bits) -> ()");
+#define ADAPTFUSE_DEFINE(schema) m.def(schema);
+  ADAPTFUSE_OP_SCHEMAS(ADAPTFUSE_DEFINE)
+#undef ADAPTFUSE_DEFINE
 }
 
 namespace {

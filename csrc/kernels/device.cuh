@@ -8,13 +8,47 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__CUDACC__)
+#if defined(ADAPTFUSE_EMU)
+#include "emu/emu.h"  // the emulator supplies the CUDA vocabulary on the host
+#define AF_HOST_DEVICE inline
+#define AF_DEVICE inline
+#elif defined(__CUDACC__)
 #include <cuda_runtime.h>
 #define AF_HOST_DEVICE __host__ __device__ __forceinline__
 #define AF_DEVICE __device__ __forceinline__
 #else
 #define AF_HOST_DEVICE inline
 #define AF_DEVICE inline
+#endif
+
+#if defined(__CUDACC__) || defined(ADAPTFUSE_EMU)
+#define AF_KERNEL_CODE 1  // kernels and warp-level primitives are available
+#endif
+
+// Launches go through AF_LAUNCH ("<<<>>>" does not compile under g++):
+//   AF_LAUNCH("name", kernel, grid, block, dynamic_shared_bytes, stream, args...)
+// returns cudaError_t. Static shared memory goes through AF_SHARED (arrays through a type
+// alias or AF_SHARED_ARRAY), dynamic shared memory through AF_DYNAMIC_SHARED, so that the
+// emulator gives each block its own poisoned storage.
+#if defined(ADAPTFUSE_EMU)
+#define AF_LAUNCH(...) ::adaptfuse::launch_kernel(__FILE__, __LINE__, __VA_ARGS__)
+#define AF_SHARED(type, name)                                                        \
+  static const char af_shared_site_##name = 0;                                       \
+  type& name = *static_cast<type*>(                                                  \
+      ::adaptfuse_emu::shared_storage(&af_shared_site_##name, sizeof(type), alignof(type)))
+#define AF_SHARED_ARRAY(type, name, count)                                           \
+  static const char af_shared_site_##name = 0;                                       \
+  type(&name)[count] = *static_cast<type(*)[count]>(::adaptfuse_emu::shared_storage( \
+      &af_shared_site_##name, sizeof(type[count]), alignof(type)))
+#define AF_DYNAMIC_SHARED(type, name) \
+  type* name = static_cast<type*>(::adaptfuse_emu::dynamic_shared_storage())
+#elif defined(__CUDACC__)
+#define AF_LAUNCH(...) ::adaptfuse::launch_kernel(__FILE__, __LINE__, __VA_ARGS__)
+#define AF_SHARED(type, name) __shared__ type name
+#define AF_SHARED_ARRAY(type, name, count) __shared__ type name[count]
+#define AF_DYNAMIC_SHARED(type, name)                         \
+  extern __shared__ __align__(16) unsigned char af_dynamic_shared[]; \
+  type* name = reinterpret_cast<type*>(af_dynamic_shared)
 #endif
 
 namespace adaptfuse {
@@ -50,7 +84,26 @@ AF_HOST_DEVICE float mul_rn(float a, float b) {
 #endif
 }
 
-#if defined(__CUDACC__)
+#if defined(AF_KERNEL_CODE)
+
+#if defined(ADAPTFUSE_EMU)
+template <class... Params, class... Args>
+cudaError_t launch_kernel(const char* file, int line, const char* name, void (*kernel)(Params...),
+                          dim3 grid, dim3 block, size_t dynamic_shared_bytes, cudaStream_t,
+                          Args... args) {
+  ::adaptfuse_emu::launch(name, file, line, grid, block, dynamic_shared_bytes,
+                          [&]() { kernel(args...); });
+  return cudaSuccess;
+}
+#else
+template <class... Params, class... Args>
+cudaError_t launch_kernel(const char*, int, const char*, void (*kernel)(Params...), dim3 grid,
+                          dim3 block, size_t dynamic_shared_bytes, cudaStream_t stream,
+                          Args... args) {
+  kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
 
 constexpr unsigned kFullWarpMask = 0xffffffffu;
 
@@ -76,6 +129,6 @@ AF_DEVICE unsigned warp_ballot(bool predicate) { return __ballot_sync(kFullWarpM
 
 AF_DEVICE int popcount(unsigned bits) { return __popc(bits); }
 
-#endif  // __CUDACC__
+#endif  // AF_KERNEL_CODE
 
 }  // namespace adaptfuse

@@ -5,7 +5,11 @@
 // the baseline that the BGMV/SGMV/merge kernels of later work are measured against.
 #pragma once
 
+#if defined(ADAPTFUSE_EMU)
+#include "emu/emu.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 #include <stdint.h>
 
 #include "kernels/float_formats.cuh"

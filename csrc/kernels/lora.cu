@@ -67,11 +67,12 @@ __global__ void expand_kernel(ExpandArgs args) {
 
 cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.max_rank == 0) return cudaSuccess;
+  cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.x_dtype, XFormat, AF_FORMAT_SWITCH(args.a_dtype, AFormat, {
-    shrink_kernel<XFormat, AFormat>
-        <<<static_cast<unsigned>(args.num_tokens), kShrinkThreads, 0, stream>>>(args);
+    status = AF_LAUNCH("shrink_kernel", shrink_kernel<XFormat, AFormat>,
+                       dim3(static_cast<unsigned>(args.num_tokens)), dim3(kShrinkThreads), 0, stream, args);
   }));
-  return cudaGetLastError();
+  return status;
 }
 
 cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream) {
@@ -84,10 +85,12 @@ cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(args.num_tokens),
                   static_cast<unsigned>((widest + kExpandThreads - 1) / kExpandThreads),
                   static_cast<unsigned>(args.num_slices));
+  cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.y_dtype, YFormat, AF_FORMAT_SWITCH(args.b_dtype, BFormat, {
-    expand_kernel<YFormat, BFormat><<<grid, kExpandThreads, 0, stream>>>(args);
+    status = AF_LAUNCH("expand_kernel", expand_kernel<YFormat, BFormat>, grid, dim3(kExpandThreads), 0,
+                       stream, args);
   }));
-  return cudaGetLastError();
+  return status;
 }
 
 }  // namespace adaptfuse

@@ -84,8 +84,8 @@ __device__ ElementCounts count_run(const MergeArgs& args, ThreadRun run) {
 
 template <class WFormat, class AdapterFormat>
 __global__ void merge_count_kernel(MergeArgs args, int32_t* tile_stats) {
-  __shared__ int scratch[kMergeThreads];
-  __shared__ int total;
+  AF_SHARED_ARRAY(int, scratch, kMergeThreads);
+  AF_SHARED(int, total);
   const ElementCounts counts = count_run<WFormat, AdapterFormat>(args, thread_run(args));
   block_exclusive_scan(counts.entries, scratch, &total);
   if (threadIdx.x == 0) tile_stats[blockIdx.x * 3 + 0] = total;
@@ -99,8 +99,8 @@ template <class WFormat, class AdapterFormat>
 __global__ void merge_apply_kernel(MergeArgs args, const int64_t* entry_starts,
                                    const int64_t* escape_starts, int16_t* offsets,
                                    int8_t* corrections, int32_t* escape_bits) {
-  __shared__ int scratch[kMergeThreads];
-  __shared__ int total;
+  AF_SHARED_ARRAY(int, scratch, kMergeThreads);
+  AF_SHARED(int, total);
   const ThreadRun run = thread_run(args);
   const ElementCounts counts = count_run<WFormat, AdapterFormat>(args, run);
   int64_t entry = entry_starts[blockIdx.x] + block_exclusive_scan(counts.entries, scratch, &total);
@@ -161,22 +161,25 @@ unsigned num_tiles(const MergeArgs& args) {
 
 cudaError_t launch_merge_count(const MergeArgs& args, int32_t* tile_stats, cudaStream_t stream) {
   if (num_tiles(args) == 0) return cudaSuccess;
+  cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    merge_count_kernel<WFormat, AdapterFormat>
-        <<<num_tiles(args), kMergeThreads, 0, stream>>>(args, tile_stats);
+    status = AF_LAUNCH("merge_count_kernel", merge_count_kernel<WFormat, AdapterFormat>, dim3(num_tiles(args)),
+                       dim3(kMergeThreads), 0, stream, args, tile_stats);
   }));
-  return cudaGetLastError();
+  return status;
 }
 
 cudaError_t launch_merge_apply(const MergeArgs& args, const int64_t* entry_starts,
                                const int64_t* escape_starts, int16_t* offsets,
                                int8_t* corrections, int32_t* escape_bits, cudaStream_t stream) {
   if (num_tiles(args) == 0) return cudaSuccess;
+  cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    merge_apply_kernel<WFormat, AdapterFormat><<<num_tiles(args), kMergeThreads, 0, stream>>>(
-        args, entry_starts, escape_starts, offsets, corrections, escape_bits);
+    status = AF_LAUNCH("merge_apply_kernel", merge_apply_kernel<WFormat, AdapterFormat>, dim3(num_tiles(args)),
+                       dim3(kMergeThreads), 0, stream, args, entry_starts, escape_starts, offsets, corrections,
+                       escape_bits);
   }));
-  return cudaGetLastError();
+  return status;
 }
 
 cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts,
@@ -184,11 +187,13 @@ cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts,
                            const int16_t* offsets, const int8_t* corrections,
                            const int32_t* escape_bits, cudaStream_t stream) {
   if (num_tiles(args) == 0) return cudaSuccess;
+  cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    unmerge_kernel<WFormat, AdapterFormat><<<num_tiles(args), kMergeThreads, 0, stream>>>(
-        args, tile_counts, entry_starts, escape_starts, offsets, corrections, escape_bits);
+    status = AF_LAUNCH("unmerge_kernel", unmerge_kernel<WFormat, AdapterFormat>, dim3(num_tiles(args)),
+                       dim3(kMergeThreads), 0, stream, args, tile_counts, entry_starts, escape_starts, offsets,
+                       corrections, escape_bits);
   }));
-  return cudaGetLastError();
+  return status;
 }
 
 }  // namespace adaptfuse

@@ -16,7 +16,7 @@ __device__ __forceinline__ int64_t bucket_of(int32_t slot, int64_t num_slots) {
 
 __global__ void count_tokens_per_slot(const int32_t* token_slots, int64_t num_tokens,
                                       int64_t num_slots, int32_t* slot_offsets) {
-  __shared__ int warp_totals[kPlanWarps];
+  AF_SHARED_ARRAY(int, warp_totals, kPlanWarps);
   const int64_t slot = blockIdx.x;
   int count = 0;
   for (int64_t t = threadIdx.x; t < num_tokens; t += blockDim.x) {
@@ -44,9 +44,9 @@ __global__ void scan_slot_counts(int64_t num_slots, int32_t* slot_offsets) {
 __global__ void write_token_order(const int32_t* token_slots, int64_t num_tokens,
                                   int64_t num_slots, const int32_t* slot_offsets,
                                   int32_t* token_order) {
-  __shared__ int warp_counts[kPlanWarps];
-  __shared__ int warp_starts[kPlanWarps];
-  __shared__ int chunk_total;
+  AF_SHARED_ARRAY(int, warp_counts, kPlanWarps);
+  AF_SHARED_ARRAY(int, warp_starts, kPlanWarps);
+  AF_SHARED(int, chunk_total);
   const int64_t bucket = blockIdx.x;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -78,16 +78,19 @@ __global__ void write_token_order(const int32_t* token_slots, int64_t num_tokens
 }  // namespace
 
 cudaError_t launch_plan(const PlanArgs& args, cudaStream_t stream) {
+  cudaError_t status = cudaSuccess;
   if (args.num_slots > 0) {
-    count_tokens_per_slot<<<static_cast<unsigned>(args.num_slots), kPlanThreads, 0, stream>>>(
-        args.token_slots, args.num_tokens, args.num_slots, args.slot_offsets);
+    status = AF_LAUNCH("count_tokens_per_slot", count_tokens_per_slot, dim3(static_cast<unsigned>(args.num_slots)),
+                       dim3(kPlanThreads), 0, stream, args.token_slots, args.num_tokens, args.num_slots,
+                       args.slot_offsets);
+    if (status != cudaSuccess) return status;
   }
-  scan_slot_counts<<<1, 1, 0, stream>>>(args.num_slots, args.slot_offsets);
-  if (args.num_tokens > 0) {
-    write_token_order<<<static_cast<unsigned>(args.num_slots + 1), kPlanThreads, 0, stream>>>(
-        args.token_slots, args.num_tokens, args.num_slots, args.slot_offsets, args.token_order);
-  }
-  return cudaGetLastError();
+  status = AF_LAUNCH("scan_slot_counts", scan_slot_counts, dim3(1), dim3(1), 0, stream, args.num_slots,
+                     args.slot_offsets);
+  if (status != cudaSuccess || args.num_tokens == 0) return status;
+  return AF_LAUNCH("write_token_order", write_token_order, dim3(static_cast<unsigned>(args.num_slots + 1)),
+                   dim3(kPlanThreads), 0, stream, args.token_slots, args.num_tokens, args.num_slots,
+                   static_cast<const int32_t*>(args.slot_offsets), args.token_order);
 }
 
 }  // namespace adaptfuse

@@ -1,0 +1,173 @@
+// CPU emulation of the CUDA execution model: the project's .cu kernel sources compile as plain
+// C++ (g++, -DADAPTFUSE_EMU) and run here. A launch runs the grid's blocks (on one or two OS
+// threads); each block's threads run as cooperative fibers, so __syncthreads() suspends a
+// thread until every thread of its block arrives, and warp collectives wait for the lanes
+// their mask names. Faults that are undefined behaviour on a GPU (a barrier some threads never
+// reach, a collective whose mask names lanes that do not call it, a misaligned vector access)
+// stop the launch with an error that names the kernel, block, thread and source line.
+// Rules for kernel authors and the limits of the emulation: csrc/emu/README.md.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+// CUDA's declaration specifiers vanish.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+
+using cudaStream_t = struct EmuStream*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 4 };
+// Faults throw adaptfuse_emu::Fault from the launch itself, so nothing is left to report.
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "emulated launch failed";
+}
+
+namespace adaptfuse_emu {
+
+// Thrown by launch() when a kernel faults; the message names kernel, block, thread and line.
+struct Fault : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  unsigned seed = 0;        // 0: threads run in order; otherwise a seeded shuffle per round
+  int os_threads = 1;       // blocks spread over this many OS threads
+  size_t stack_bytes = 64 * 1024;
+};
+Options& options();  // process-wide; set before launching
+
+struct Fiber;
+struct Block;
+Fiber* current_fiber();
+const uint3& thread_index();
+const uint3& block_index();
+const dim3& block_dim();
+const dim3& grid_dim();
+
+// Suspends the calling thread until every thread of its block arrives.
+void syncthreads(const char* file, int line);
+void syncwarp(unsigned mask, const char* file, int line);
+
+// A warp collective: every lane named in `mask` deposits `value` and waits for the others;
+// returns the 32 deposited values (as 64-bit patterns) of the lanes in `mask`.
+const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file, int line);
+int lane_id();
+
+[[noreturn]] void fault(const std::string& what, const char* file, int line);
+
+// Per-block shared memory: every thread of a block gets the same storage for one call site;
+// fresh storage is filled with a poison pattern (a NaN in every 4-byte word).
+void* shared_storage(const void* site, size_t bytes, size_t alignment);
+void* dynamic_shared_storage();
+
+void check_alignment(const void* pointer, size_t alignment, const char* what, const char* file, int line);
+
+using KernelBody = std::function<void()>;
+void launch(const char* kernel, const char* file, int line, dim3 grid, dim3 block,
+            size_t dynamic_shared_bytes, const KernelBody& body);
+
+template <class T>
+T bits_to(uint64_t bits) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp collectives move up to 8 bytes");
+  T value;
+  __builtin_memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+template <class T>
+uint64_t to_bits(T value) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp collectives move up to 8 bytes");
+  uint64_t bits = 0;
+  __builtin_memcpy(&bits, &value, sizeof(T));
+  return bits;
+}
+
+// The shuffles, with CUDA's argument order after the call site; width defaults to 32.
+template <class T>
+T shfl_sync_at(const char* file, int line, unsigned mask, T value, int source_lane, int width = 32) {
+  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_sync", file, line);
+  const int lane = lane_id();
+  const int source = lane - lane % width + ((source_lane % width) + width) % width;
+  if (!((mask >> source) & 1u)) fault("__shfl_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  return bits_to<T>(values[source]);
+}
+
+template <class T>
+T shfl_xor_sync_at(const char* file, int line, unsigned mask, T value, int lane_mask, int width = 32) {
+  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_xor_sync", file, line);
+  const int lane = lane_id();
+  int source = lane ^ lane_mask;
+  if (source / width != lane / width) source = lane;  // outside the segment: own value
+  if (!((mask >> source) & 1u)) fault("__shfl_xor_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  return bits_to<T>(values[source]);
+}
+
+template <class T>
+T shfl_up_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta, int width = 32) {
+  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_up_sync", file, line);
+  const int lane = lane_id();
+  const int source = lane - static_cast<int>(delta);
+  if (source < lane - lane % width) return value;
+  if (!((mask >> source) & 1u)) fault("__shfl_up_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  return bits_to<T>(values[source]);
+}
+
+template <class T>
+T shfl_down_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta, int width = 32) {
+  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_down_sync", file, line);
+  const int lane = lane_id();
+  const int source = lane + static_cast<int>(delta);
+  if (source >= lane - lane % width + width) return value;
+  if (!((mask >> source) & 1u)) fault("__shfl_down_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  return bits_to<T>(values[source]);
+}
+
+inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu) { syncwarp(mask, file, line); }
+
+unsigned ballot(unsigned mask, bool predicate, const char* file, int line);
+
+// Atomics: fibers of one OS thread never interleave inside these; blocks on other OS threads
+// are serialised by a lock, so the result equals some sequential order, as on the device.
+int atomic_add(int* address, int value);
+unsigned atomic_add(unsigned* address, unsigned value);
+float atomic_add(float* address, float value);
+
+}  // namespace adaptfuse_emu
+
+#define threadIdx (::adaptfuse_emu::thread_index())
+#define blockIdx (::adaptfuse_emu::block_index())
+#define blockDim (::adaptfuse_emu::block_dim())
+#define gridDim (::adaptfuse_emu::grid_dim())
+#define warpSize 32
+
+#define __syncthreads() ::adaptfuse_emu::syncthreads(__FILE__, __LINE__)
+#define __syncwarp(...) ::adaptfuse_emu::syncwarp_at(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __shfl_sync(...) ::adaptfuse_emu::shfl_sync_at(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::adaptfuse_emu::shfl_xor_sync_at(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_up_sync(...) ::adaptfuse_emu::shfl_up_sync_at(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) ::adaptfuse_emu::shfl_down_sync_at(__FILE__, __LINE__, __VA_ARGS__)
+#define __ballot_sync(mask, predicate) ::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__)
+#define __any_sync(mask, predicate) (::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__) != 0u)
+#define __all_sync(mask, predicate) \
+  (::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__) == (mask))
+#define atomicAdd(address, value) ::adaptfuse_emu::atomic_add(address, value)
+
+inline int __popc(unsigned bits) { return __builtin_popcount(bits); }

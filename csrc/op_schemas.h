@@ -1,0 +1,24 @@
+// The schema of every adaptfuse op, once. TORCH_LIBRARY(adaptfuse) in ops.cpp defines them;
+// the emulated CUDA kernels register the same schemas under adaptfuse_emu (csrc/emu/).
+//   #define DEFINE(schema) m.def(schema);
+//   ADAPTFUSE_OP_SCHEMAS(DEFINE)
+#pragma once
+
+#define ADAPTFUSE_OP_SCHEMAS(DEFINE)                                                              \
+  /* Tokens grouped by slot: token_order [T] int32, slot_offsets [S + 1] int32. */                \
+  DEFINE("plan(Tensor token_slots, int num_slots) -> (Tensor token_order, Tensor slot_offsets)") \
+  /* v [T, R_max] fp32: v[t, :rank(s)] = scales[s] * x[t] @ A[s, :rank(s)]^T, zero elsewhere. */ \
+  DEFINE(                                                                                         \
+      "shrink(Tensor x, Tensor A, Tensor ranks, Tensor scales, Tensor token_slots, "              \
+      "Tensor token_order, Tensor slot_offsets) -> Tensor")                                       \
+  /* y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)]. */       \
+  DEFINE(                                                                                         \
+      "expand_(Tensor(a!) y, Tensor v, Tensor[] B, int[] out_offsets, Tensor ranks, "             \
+      "Tensor token_slots, Tensor token_order, Tensor slot_offsets) -> ()")                       \
+  /* W += sum_i coefficients[i] * B_i^T @ A_i; returns the exact-restore record. */               \
+  DEFINE(                                                                                         \
+      "merge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients) -> "                    \
+      "(Tensor tile_counts, Tensor offsets, Tensor corrections, Tensor escape_bits)")             \
+  DEFINE(                                                                                         \
+      "unmerge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients, Tensor tile_counts, " \
+      "Tensor offsets, Tensor corrections, Tensor escape_bits) -> ()")
