@@ -24,6 +24,19 @@ MERGE_TILE_ELEMENTS = 65536
 ESCAPE_CORRECTION = -128
 """A record correction with this value says: take the original bits from the escape list."""
 
+LIBRARIES = ("adaptfuse", "adaptfuse_emu")
+"""Op libraries with the same schemas: "adaptfuse" (CPU ops and CUDA kernels) and
+"adaptfuse_emu" (the CUDA kernel sources under the CPU emulator, on CPU tensors; test-only,
+loaded by importing adaptfuse._emu)."""
+
+
+def _op(library: str, name: str):
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown op library {library!r}; expected one of {LIBRARIES}")
+    if library == "adaptfuse_emu":
+        from adaptfuse import _emu  # noqa: F401  (registers torch.ops.adaptfuse_emu.*)
+    return getattr(getattr(torch.ops, library), name).default
+
 
 class Plan(NamedTuple):
     """Tokens grouped by slot, built once per forward and shared by every layer.
@@ -43,23 +56,27 @@ class Plan(NamedTuple):
         return self.slot_offsets.shape[0] - 1
 
 
-def plan(token_slots: torch.Tensor, num_slots: int) -> Plan:
+def plan(token_slots: torch.Tensor, num_slots: int, *, library: str = "adaptfuse") -> Plan:
     """Build the plan on the tokens' device, without host synchronisation (graph-safe)."""
-    token_order, slot_offsets = torch.ops.adaptfuse.plan.default(token_slots, num_slots)
+    token_order, slot_offsets = _op(library, "plan")(token_slots, num_slots)
     return Plan(token_slots, token_order, slot_offsets)
 
 
 def shrink(
-    x: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, plan: Plan
+    x: torch.Tensor,
+    A: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    plan: Plan,
+    *,
+    library: str = "adaptfuse",
 ) -> torch.Tensor:
     """``v[t, :rank(s)] = scales[s] * (x[t] @ A[s, :rank(s)]^T)``, s = slot of t.
 
     x: [T, H_in] (fp32/fp16/bf16, stride 1 along H_in); A: [S, R_max, H_in].
     Returns v: fp32 [T, R_max], zero for tokens without a slot and beyond each slot's rank.
     """
-    return torch.ops.adaptfuse.shrink.default(
-        x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets
-    )
+    return _op(library, "shrink")(x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets)
 
 
 def expand_(
@@ -69,6 +86,8 @@ def expand_(
     out_offsets: Sequence[int],
     ranks: torch.Tensor,
     plan: Plan,
+    *,
+    library: str = "adaptfuse",
 ) -> torch.Tensor:
     """In place: ``y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)]``.
 
@@ -77,7 +96,7 @@ def expand_(
     fp32 [T, sum_i R_max_i]. The sum is accumulated in fp32 and rounded once into y's dtype.
     Tokens without a slot are left untouched. Returns y.
     """
-    torch.ops.adaptfuse.expand_.default(
+    _op(library, "expand_")(
         y, v, list(B), list(out_offsets), ranks, plan.token_slots, plan.token_order, plan.slot_offsets
     )
     return y
@@ -122,6 +141,8 @@ def merge_(
     A: Sequence[torch.Tensor],
     B: Sequence[torch.Tensor],
     coefficients: Sequence[float],
+    *,
+    library: str = "adaptfuse",
 ) -> MergeRecord:
     """In place: ``W[H_out, H_in] += sum_i coefficients[i] * B_i^T @ A_i``.
 
@@ -130,7 +151,7 @@ def merge_(
     order and rounded once into W. Refuses (and leaves W bit-identical) when an element
     would turn non-finite. Returns the record that unmerge_ needs.
     """
-    tensors = torch.ops.adaptfuse.merge_.default(W, list(A), list(B), [float(c) for c in coefficients])
+    tensors = _op(library, "merge_")(W, list(A), list(B), [float(c) for c in coefficients])
     return MergeRecord(*tensors)
 
 
@@ -140,15 +161,15 @@ def unmerge_(
     B: Sequence[torch.Tensor],
     coefficients: Sequence[float],
     record: MergeRecord,
+    *,
+    library: str = "adaptfuse",
 ) -> torch.Tensor:
     """Undo merge_ bit for bit: recompute the same delta, subtract, restore recorded elements.
 
     Takes the same A, B and coefficients as the merge_ that produced ``record``, on the same
     backend. Returns W.
     """
-    torch.ops.adaptfuse.unmerge_.default(
-        W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record)
-    )
+    _op(library, "unmerge_")(W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record))
     return W
 
 

@@ -2,21 +2,70 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import adaptfuse
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where an op test runs: the CPU ops, the CUDA kernels on a GPU, or the CUDA kernel
+    sources under the CPU emulator (in order, in a seeded random thread order, or with blocks
+    spread over two OS threads)."""
+
+    name: str
+    device: str
+    library: str = "adaptfuse"
+    emu_seed: int = 0
+    emu_os_threads: int = 1
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def emulated(self) -> bool:
+        return self.library == "adaptfuse_emu"
+
+
+CPU = Target("cpu", "cpu")
+CUDA = Target("cuda", "cuda")
+EMULATED = [
+    Target("emu", "cpu", "adaptfuse_emu"),
+    Target("emu-shuffled", "cpu", "adaptfuse_emu", emu_seed=20261125),
+    Target("emu-2threads", "cpu", "adaptfuse_emu", emu_os_threads=2),
+]
+
+
+def target_param(target: Target):
+    if target is CUDA:
+        return pytest.param(target, id=str(target), marks=[
             pytest.mark.cuda,
             pytest.mark.skipif(not adaptfuse.cuda_available(), reason="needs a GPU and the CUDA build"),
-        ],
-    ),
-]
+        ])
+    return pytest.param(target, id=str(target))
+
+
+TARGETS = [target_param(t) for t in [CPU, CUDA, *EMULATED]]
+
+
+@pytest.fixture(autouse=True)
+def emulator_mode(request):
+    """Puts the emulator in the mode the test's target asks for, and back afterwards."""
+    callspec = getattr(request.node, "callspec", None)
+    target = callspec.params.get("target") if callspec else None
+    if not isinstance(target, Target) or not target.emulated:
+        yield
+        return
+    from adaptfuse import _emu
+
+    previous = _emu.get_options()
+    _emu.set_options(target.emu_seed, target.emu_os_threads)
+    try:
+        yield
+    finally:
+        _emu.set_options(*previous)
 
 BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

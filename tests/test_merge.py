@@ -3,11 +3,13 @@ many cycles with random and adversarial values, compared as integer bit patterns
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from adaptfuse import ops, reference
-from conftest import BIT_VIEW, DEVICES, assert_bit_identical, bits
+from conftest import BIT_VIEW, TARGETS, assert_bit_identical, bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -19,12 +21,13 @@ def random_adapters(shape, ranks, dtype, device, gen, scale=0.02):
     return A, B
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 127), (1000, 67), (257, 513)], ids=str)
-def test_merge_matches_reference(device, dtype, shape):
+def test_merge_matches_reference(target, dtype, shape):
     """Merged W is W + delta rounded once; the delta is fp32, so the merged value may differ
     from the float64 truth by the fp32 delta's own error plus the final rounding."""
+    device, library = target.device, target.library
     gen = torch.Generator().manual_seed(1)
     W = (torch.randn(shape, generator=gen) * 0.02).to(dtype).to(device)
     A, B = random_adapters(shape, [16, 3, 1], dtype, device, gen, scale=0.3)
@@ -34,14 +37,14 @@ def test_merge_matches_reference(device, dtype, shape):
     delta_fp32_error = (reference.merge_delta(A, B, coefficients, torch.float32).cpu().double()
                         - reference.merge_delta(A, B, coefficients).cpu()).abs().max().item()
     original = W.clone()
-    record = ops.merge_(W, A, B, coefficients)
+    record = ops.merge_(W, A, B, coefficients, library=library)
     error = (W.cpu().double() - exact).abs()
     ulp = torch.finfo(dtype).eps * exact.abs() + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     assert bool((error <= 2 * delta_fp32_error + ulp).all()), "merged W is off by more than the fp32 delta error + 1 ulp"
     if dtype != torch.float32 and W.numel() >= 1000:
         # The fp32 delta's error rarely moves a 16-bit rounding: mostly float64's result.
         assert (W.cpu() != expected).float().mean().item() < 0.05
-    ops.unmerge_(W, A, B, coefficients, record)
+    ops.unmerge_(W, A, B, coefficients, record, library=library)
     assert_bit_identical(W, original, "W after unmerge")
 
 
@@ -82,10 +85,11 @@ def adversarial_weights(dtype: torch.dtype, shape, gen) -> tuple[torch.Tensor, t
     return W, row_delta
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("values", ["random", "adversarial"])
-def test_thousand_cycles_restore_bits(device, dtype, values):
+def test_thousand_cycles_restore_bits(target, dtype, values):
+    device, library = target.device, target.library
     gen = torch.Generator().manual_seed(7)
     shape = (24, 97)
     if values == "random":
@@ -104,22 +108,25 @@ def test_thousand_cycles_restore_bits(device, dtype, values):
         coefficients = [1.0, 1.0]
     original = W.clone()
     record = None
-    for cycle in range(1000):
-        record = ops.merge_(W, A, B, coefficients)
+    # The emulated kernels compute the same arithmetic at emulation speed: fewer cycles there.
+    cycles = 25 if target.emulated else 1000
+    for cycle in range(cycles):
+        record = ops.merge_(W, A, B, coefficients, library=library)
         if cycle == 0:
             assert record.num_entries > 0, "these values must need a record"
             merged_once = W.clone()
         else:
             assert_bit_identical(W, merged_once, f"merged W at cycle {cycle}")
-        ops.unmerge_(W, A, B, coefficients, record)
+        ops.unmerge_(W, A, B, coefficients, record, library=library)
         if cycle % 100 == 0:
             assert_bit_identical(W, original, f"W after cycle {cycle}")
-    assert_bit_identical(W, original, "W after 1000 merge/unmerge cycles")
+    assert_bit_identical(W, original, f"W after {cycles} merge/unmerge cycles")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_overflow_is_refused_and_w_restored(device, dtype):
+def test_overflow_is_refused_and_w_restored(target, dtype):
+    device, library = target.device, target.library
     info = torch.finfo(dtype)
     W = torch.full((3, 70000 // 3 + 5), 0.5, dtype=dtype)  # more than one record tile
     W[2, 9] = info.max
@@ -129,30 +136,32 @@ def test_overflow_is_refused_and_w_restored(device, dtype):
     A = [torch.ones(1, W.shape[1], device=device, dtype=dtype)]
     B = [torch.tensor([[0.0, 0.25, info.max / 4]], device=device, dtype=dtype)]
     with pytest.raises(ValueError, match=r"non-finite"):
-        ops.merge_(W, A, B, [2.0])
+        ops.merge_(W, A, B, [2.0], library=library)
     assert_bit_identical(W, original, "W after a refused merge")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_strided_weight_and_record_on_host(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_strided_weight_and_record_on_host(target):
     """GPT-2's Conv1D stores W transposed: merge a transposed view, keep the record on the
     host in between (as a serving process may), and restore bit for bit."""
+    device, library = target.device, target.library
     gen = torch.Generator().manual_seed(9)
     storage = (torch.randn(300, 200, generator=gen) * 0.02).to(torch.bfloat16).to(device)
     W = storage.t()  # [H_out=200, H_in=300], strides (1, 200)
     A, B = random_adapters((200, 300), [16], torch.bfloat16, device, gen, scale=0.3)
     original = storage.clone()
-    record = ops.merge_(W, A, B, [1.0]).to("cpu")
+    record = ops.merge_(W, A, B, [1.0], library=library).to("cpu")
     expected = reference.merge(original.t().cpu(), [a.cpu() for a in A], [b.cpu() for b in B], [1.0])
     assert (W.cpu() != expected).float().mean().item() < 0.05
-    ops.unmerge_(W, A, B, [1.0], record.to(device))
+    ops.unmerge_(W, A, B, [1.0], record.to(device), library=library)
     assert_bit_identical(storage, original, "transposed W after unmerge")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_record_is_compact(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_record_is_compact(target):
     """At DESIGN.md's reference point (bf16, W ~ N(0, 0.02), r=16, about 5% of elements
     mismatching) the record takes at most 10% of W's bytes."""
+    device, library = target.device, target.library
     gen = torch.Generator().manual_seed(2)
     shape = (1024, 1024)
     W = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).to(device)
@@ -160,9 +169,30 @@ def test_record_is_compact(device):
     # Scale the delta to mean |delta| / mean |W| = 0.06, where DESIGN.md measured ~5.4%.
     delta = reference.merge_delta(A, B, [1.0])
     coefficient = 0.06 * W.double().abs().mean().item() / delta.abs().mean().item()
-    record = ops.merge_(W, A, B, [coefficient])
+    record = ops.merge_(W, A, B, [coefficient], library=library)
     mismatching = record.num_entries / W.numel()
     assert 0.03 < mismatching < 0.08
     # 3 bytes per entry (16-bit offset, 8-bit correction) over 2 bytes per element.
     assert record.fraction_of(W) <= 1.5 * mismatching + 0.002
     assert record.fraction_of(W) <= 0.10
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0].library != "adaptfuse" or t.values[0].device == "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_merge_exactly_like_the_cpu_ops(target, dtype):
+    """The CUDA kernels (on a GPU or emulated) and the CPU ops share merge_math.cuh: the same
+    fixed-order fp32 delta and the same rounding, so they produce the same merged bits and
+    the same record."""
+    device, library = target.device, target.library
+    gen = torch.Generator().manual_seed(4)
+    shape = (300, 700)  # several record tiles, a partial last one
+    W = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+    A, B = random_adapters(shape, [16, 5], dtype, "cpu", gen, scale=0.1)
+    on_cpu = W.clone()
+    cpu_record = ops.merge_(on_cpu, A, B, [0.75, -2.0])
+    on_target = W.to(device)
+    record = ops.merge_(on_target, [a.to(device) for a in A], [b.to(device) for b in B], [0.75, -2.0], library=library)
+    assert_bit_identical(on_target, on_cpu, "merged W, kernels against CPU ops")
+    for name, mine, theirs in zip(("tile_counts", "offsets", "corrections", "escape_bits"),
+                                  dataclasses.astuple(record), dataclasses.astuple(cpu_record)):
+        assert torch.equal(mine.cpu(), theirs), f"record field {name} differs"

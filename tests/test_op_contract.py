@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from adaptfuse import ops
-from conftest import DEVICES, assert_bit_identical
+from conftest import CPU, CUDA, EMULATED, TARGETS, assert_bit_identical, target_param
+
+# The argument checks are shared by every backend; they run on the CPU ops and once on the
+# emulated kernels. opcheck and torch.compile need fake impls: the adaptfuse library only.
+CHECKED = [target_param(CPU), target_param(EMULATED[0])]
+NATIVE = [target_param(CPU), target_param(CUDA)]
 
 I32 = torch.int32
 
@@ -27,11 +32,11 @@ def lora_inputs(device="cpu", dtype=torch.float32, tokens=6, slots=3, rank=4, h_
     )
 
 
-def run_shrink(d, **override):
+def run_shrink(d, library, **override):
     d = {**d, **override}
-    plan = ops.plan(d["token_slots"], d["A"].shape[0])
+    plan = ops.plan(d["token_slots"], d["A"].shape[0], library=library)
     plan = plan._replace(**{k: override[k] for k in ("token_order", "slot_offsets") if k in override})
-    return ops.shrink(d["x"], d["A"], d["ranks"], d["scales"], plan)
+    return ops.shrink(d["x"], d["A"], d["ranks"], d["scales"], plan, library=library)
 
 
 SHRINK_ERRORS = [
@@ -53,17 +58,19 @@ SHRINK_ERRORS = [
 
 
 @pytest.mark.parametrize("what,override,error,message", SHRINK_ERRORS, ids=[e[0] for e in SHRINK_ERRORS])
-def test_shrink_argument_errors(what, override, error, message):
+@pytest.mark.parametrize("target", CHECKED)
+def test_shrink_argument_errors(what, override, error, message, target):
+    library = target.library
     d = lora_inputs()
     if "token_slots" in override:  # a bad plan input is refused by plan itself first
         with pytest.raises(error, match=message):
-            ops.plan(override["token_slots"], 3)
-        good = ops.plan(d["token_slots"], 3)
+            ops.plan(override["token_slots"], 3, library=library)
+        good = ops.plan(d["token_slots"], 3, library=library)
         with pytest.raises(error, match=message):
-            ops.shrink(d["x"], d["A"], d["ranks"], d["scales"], good._replace(token_slots=override["token_slots"]))
+            ops.shrink(d["x"], d["A"], d["ranks"], d["scales"], good._replace(token_slots=override["token_slots"]), library=library)
         return
     with pytest.raises(error, match=message):
-        run_shrink(d, **override)
+        run_shrink(d, library, **override)
 
 
 EXPAND_ERRORS = [
@@ -83,15 +90,17 @@ EXPAND_ERRORS = [
 
 
 @pytest.mark.parametrize("what,override,error,message", EXPAND_ERRORS, ids=[e[0] for e in EXPAND_ERRORS])
-def test_expand_argument_errors_write_nothing(what, override, error, message):
+@pytest.mark.parametrize("target", CHECKED)
+def test_expand_argument_errors_write_nothing(what, override, error, message, target):
+    library = target.library
     d = lora_inputs()
-    plan = ops.plan(d["token_slots"], 3)
+    plan = ops.plan(d["token_slots"], 3, library=library)
     y = override.get("y", d["y"])
     v = override.get("v", torch.ones(6, 4))
     ranks = override.get("ranks", d["ranks"])
     before = y.clone()
     with pytest.raises(error, match=message):
-        ops.expand_(y, v, override.get("B", [d["B"]]), override.get("offsets", [0]), ranks, plan)
+        ops.expand_(y, v, override.get("B", [d["B"]]), override.get("offsets", [0]), ranks, plan, library=library)
     assert_bit_identical(y, before, "y after a refused expand_")
 
 
@@ -110,7 +119,9 @@ MERGE_ERRORS = [
 
 
 @pytest.mark.parametrize("what,override,error,message", MERGE_ERRORS, ids=[e[0] for e in MERGE_ERRORS])
-def test_merge_argument_errors_write_nothing(what, override, error, message):
+@pytest.mark.parametrize("target", CHECKED)
+def test_merge_argument_errors_write_nothing(what, override, error, message, target):
+    library = target.library
     gen = torch.Generator().manual_seed(0)
     W = override.get("W", torch.randn(5, 10, generator=gen))
     A = override.get("A", [torch.randn(4, 10, generator=gen)])
@@ -118,34 +129,37 @@ def test_merge_argument_errors_write_nothing(what, override, error, message):
     coefficients = override.get("coefficients", [1.0])
     before = W.clone()
     with pytest.raises(error, match=message):
-        ops.merge_(W, A, B, coefficients)
+        ops.merge_(W, A, B, coefficients, library=library)
     assert torch.equal(W, before)
 
 
-def test_unmerge_refuses_a_foreign_record():
+@pytest.mark.parametrize("target", CHECKED)
+def test_unmerge_refuses_a_foreign_record(target):
+    library = target.library
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(50, 10, generator=gen)
     A, B = [torch.randn(4, 10, generator=gen)], [torch.randn(4, 50, generator=gen)]
-    record = ops.merge_(W, A, B, [1.0])
+    record = ops.merge_(W, A, B, [1.0], library=library)
     other = torch.randn(50, 10, generator=gen)
-    other_record = ops.merge_(other, A, B, [0.001])
+    other_record = ops.merge_(other, A, B, [0.001], library=library)
     assert other_record.num_entries != record.num_entries
     merged = W.clone()
     with pytest.raises(ValueError, match=r"the record does not belong to this W"):
-        ops.unmerge_(W, A, B, [1.0], ops.MergeRecord(record.tile_counts, other_record.offsets, other_record.corrections, other_record.escape_bits))
+        ops.unmerge_(W, A, B, [1.0], ops.MergeRecord(record.tile_counts, other_record.offsets, other_record.corrections, other_record.escape_bits), library=library)
     with pytest.raises(ValueError, match=r"'tile_counts' has shape \[2, 2\].*must be 1"):
-        ops.unmerge_(W, A, B, [1.0], ops.MergeRecord(torch.zeros(2, 2, dtype=I32), *list(record.__dict__.values())[1:]))
+        ops.unmerge_(W, A, B, [1.0], ops.MergeRecord(torch.zeros(2, 2, dtype=I32), *list(record.__dict__.values())[1:]), library=library)
     assert_bit_identical(W, merged, "W after refused unmerges")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_empty_batches_are_no_ops(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_empty_batches_are_no_ops(target):
+    device, library = target.device, target.library
     d = lora_inputs(device, tokens=0)
-    plan = ops.plan(d["token_slots"], 3)
+    plan = ops.plan(d["token_slots"], 3, library=library)
     assert plan.token_order.shape == (0,) and plan.slot_offsets.tolist() == [0, 0, 0, 0]
-    v = ops.shrink(d["x"], d["A"], d["ranks"], d["scales"], plan)
+    v = ops.shrink(d["x"], d["A"], d["ranks"], d["scales"], plan, library=library)
     assert v.shape == (0, 4)
-    ops.expand_(d["y"], v, [d["B"]], [0], d["ranks"], plan)
+    ops.expand_(d["y"], v, [d["B"]], [0], d["ranks"], plan, library=library)
 
 
 def opcheck_samples(device):
@@ -167,14 +181,16 @@ def opcheck_samples(device):
     yield lib.unmerge_.default, (W, A, B, [0.5], *dataclasses.astuple(record))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
+@pytest.mark.parametrize("target", NATIVE)
+def test_opcheck(target):
+    device = target.device
     for op, args in opcheck_samples(device):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_lora_path_compiles_fullgraph(device):
+@pytest.mark.parametrize("target", NATIVE)
+def test_lora_path_compiles_fullgraph(target):
+    device = target.device
     d = lora_inputs(device)
 
     def lora_delta(x, y, token_slots, A, B, ranks, scales):
