@@ -29,11 +29,15 @@ install: $(STAMPS)/deps
 build: $(STAMPS)/deps
 	$(PY) setup.py -q build_ext --inplace
 
-# The torch-free kernel project (cmake/): host tests of the shared arithmetic under ctest.
+# The torch-free kernel project (cmake/) under ctest: the shared arithmetic, the emulator's own
+# tests, and the same emulator tests under AddressSanitizer (out-of-bounds accesses caught).
 ctest:
 	cmake -S cmake -B cmake-build -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build cmake-build -j2
 	ctest --test-dir cmake-build --output-on-failure
+	cmake -S cmake -B cmake-build-asan -DCMAKE_BUILD_TYPE=Debug -DADAPTFUSE_ASAN=ON > /dev/null
+	cmake --build cmake-build-asan -j2 --target emu_test
+	ctest --test-dir cmake-build-asan --output-on-failure -R emulator
 
 test: build ctest
 	$(PY) scripts/run_pytest.py -m "not slow" --durations=25 $(PYTEST_ARGS)
@@ -59,4 +63,4 @@ gpu-check:
 	bash scripts/gpu_check.sh $(STAGE)
 
 clean:
-	rm -rf build cmake-build adaptfuse/_C*.so *.egg-info
+	rm -rf build cmake-build cmake-build-asan adaptfuse/_C*.so adaptfuse/_emu*.so *.egg-info

@@ -19,6 +19,12 @@
 #include <ucontext.h>
 #endif
 
+// AddressSanitizer must be told when the stack changes under it, or it misreports.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define AF_ASAN_FIBERS 1
+#endif
+
 namespace adaptfuse_emu {
 
 Options& options() {
@@ -95,6 +101,8 @@ enum class Wait { kNone, kBarrier, kWarp, kDone };
 struct Fiber {
   void* sp = nullptr;
   char* stack_top = nullptr;
+  size_t stack_bytes = 0;
+  void* asan_fake_stack = nullptr;
 #if !defined(__x86_64__)
   ucontext_t context;
 #endif
@@ -127,6 +135,8 @@ struct Block {
   char* dynamic_shared = nullptr;
   const KernelBody* body = nullptr;
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack_bottom = nullptr;  // for AddressSanitizer
+  size_t scheduler_stack_size = 0;
 #if !defined(__x86_64__)
   ucontext_t scheduler_context;
 #endif
@@ -180,21 +190,36 @@ std::string describe_thread(const Block& block, const Fiber& fiber) {
   return out.str();
 }
 
-void switch_to_scheduler(Fiber* fiber) {
+// Fiber side: `finishing` fibers are never resumed (ASan may then drop their fake stack).
+void switch_to_scheduler(Fiber* fiber, bool finishing = false) {
+#ifdef AF_ASAN_FIBERS
+  __sanitizer_start_switch_fiber(finishing ? nullptr : &fiber->asan_fake_stack,
+                                 fiber->block->scheduler_stack_bottom, fiber->block->scheduler_stack_size);
+#else
+  (void)finishing;
+#endif
 #if defined(__x86_64__)
   adaptfuse_emu_switch(&fiber->sp, fiber->block->scheduler_sp);
 #else
   swapcontext(&fiber->context, &fiber->block->scheduler_context);
+#endif
+#ifdef AF_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(fiber->asan_fake_stack, &fiber->block->scheduler_stack_bottom,
+                                  &fiber->block->scheduler_stack_size);
 #endif
 }
 
 void yield() { switch_to_scheduler(tl_fiber); }
 
 void fiber_main(Fiber* fiber) {
+#ifdef AF_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(nullptr, &fiber->block->scheduler_stack_bottom,
+                                  &fiber->block->scheduler_stack_size);
+#endif
   (*fiber->block->body)();
   fiber->wait = Wait::kDone;
   ++fiber->block->progress;
-  switch_to_scheduler(fiber);
+  switch_to_scheduler(fiber, /*finishing=*/true);
   __builtin_unreachable();
 }
 
@@ -205,8 +230,9 @@ void fiber_main_ucontext(unsigned high, unsigned low) {
 #endif
 
 void start_fiber(Fiber& fiber, char* stack_top, size_t stack_bytes) {
+  fiber.stack_top = stack_top;
+  fiber.stack_bytes = stack_bytes;
 #if defined(__x86_64__)
-  (void)stack_bytes;
   auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack_top) & ~uintptr_t{15});
   uint64_t* sp = top - 8;  // 16-byte aligned: the trampoline's call then aligns fiber_main
   uint32_t control[2];
@@ -234,10 +260,17 @@ void start_fiber(Fiber& fiber, char* stack_top, size_t stack_bytes) {
 
 void resume(Block& block, Fiber& fiber) {
   tl_fiber = &fiber;
+#ifdef AF_ASAN_FIBERS
+  void* scheduler_fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&scheduler_fake_stack, fiber.stack_top - fiber.stack_bytes, fiber.stack_bytes);
+#endif
 #if defined(__x86_64__)
   adaptfuse_emu_switch(&block.scheduler_sp, fiber.sp);
 #else
   swapcontext(&block.scheduler_context, &fiber.context);
+#endif
+#ifdef AF_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
 #endif
 }
 
@@ -355,7 +388,7 @@ void fault(const std::string& what, const char* file, int line) {
   tl_block->fault_message = out.str();
   Fiber* fiber = tl_fiber;
   fiber->wait = Wait::kDone;
-  switch_to_scheduler(fiber);  // never resumed: the launch is abandoned
+  switch_to_scheduler(fiber, /*finishing=*/true);  // never resumed: the launch is abandoned
   __builtin_unreachable();
 }
 

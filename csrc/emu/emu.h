@@ -31,6 +31,19 @@ struct dim3 {
 struct uint3 {
   unsigned x, y, z;
 };
+// Vector types with the device's sizes and alignments (16-byte loads need 16-byte addresses).
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 using cudaStream_t = struct EmuStream*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 4 };

@@ -25,6 +25,12 @@
 #define AF_KERNEL_CODE 1  // kernels and warp-level primitives are available
 #endif
 
+#if defined(__CUDACC__)
+#define AF_UNROLL _Pragma("unroll")
+#else
+#define AF_UNROLL
+#endif
+
 // Launches go through AF_LAUNCH ("<<<>>>" does not compile under g++):
 //   AF_LAUNCH("name", kernel, grid, block, dynamic_shared_bytes, stream, args...)
 // returns cudaError_t. Static shared memory goes through AF_SHARED (arrays through a type
@@ -110,7 +116,7 @@ constexpr unsigned kFullWarpMask = 0xffffffffu;
 // Sum over the 32 lanes of a warp; every lane gets the total. The butterfly order is
 // fixed, so the result is deterministic.
 AF_DEVICE float warp_sum(float value) {
-#pragma unroll
+AF_UNROLL
   for (int lane_offset = 16; lane_offset > 0; lane_offset >>= 1) {
     value += __shfl_xor_sync(kFullWarpMask, value, lane_offset);
   }
@@ -118,7 +124,7 @@ AF_DEVICE float warp_sum(float value) {
 }
 
 AF_DEVICE int warp_sum(int value) {
-#pragma unroll
+AF_UNROLL
   for (int lane_offset = 16; lane_offset > 0; lane_offset >>= 1) {
     value += __shfl_xor_sync(kFullWarpMask, value, lane_offset);
   }
@@ -126,6 +132,27 @@ AF_DEVICE int warp_sum(int value) {
 }
 
 AF_DEVICE unsigned warp_ballot(bool predicate) { return __ballot_sync(kFullWarpMask, predicate); }
+
+// 16-byte global load and store (LDG.128/STG.128). The address must be 16-byte aligned; the
+// emulated twin checks it and reports the kernel, thread and line of a misaligned access.
+#if defined(ADAPTFUSE_EMU)
+// The twins take the caller's location (GCC builtins) so that a fault names the kernel's line.
+AF_DEVICE uint4 load_global_16(const void* address, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  ::adaptfuse_emu::check_alignment(address, 16, "16-byte global load", file, line);
+  return *static_cast<const uint4*>(address);
+}
+
+AF_DEVICE void store_global_16(void* address, uint4 value, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  ::adaptfuse_emu::check_alignment(address, 16, "16-byte global store", file, line);
+  *static_cast<uint4*>(address) = value;
+}
+#else
+AF_DEVICE uint4 load_global_16(const void* address) { return *static_cast<const uint4*>(address); }
+
+AF_DEVICE void store_global_16(void* address, uint4 value) { *static_cast<uint4*>(address) = value; }
+#endif
 
 AF_DEVICE int popcount(unsigned bits) { return __popc(bits); }
 
