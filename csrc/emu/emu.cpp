@@ -88,7 +88,7 @@ struct Warp {
   bool draining = false;     // all arrived; lanes are reading the values
   int remaining = 0;         // lanes still to read
   uint64_t generation = 0;
-  uint64_t values[32] = {};
+  unsigned char values[32][kExchangeBytes] = {};
   const char* what = nullptr;
   const char* file = nullptr;
   int line = 0;
@@ -114,7 +114,16 @@ struct Fiber {
   const char* wait_what = nullptr;
   const char* wait_file = nullptr;
   int wait_line = 0;
-  uint64_t exchange[32] = {};
+  unsigned char exchange[32][kExchangeBytes] = {};
+  uint64_t exchange_words[32] = {};
+  struct PendingCopy {
+    void* destination;
+    const void* source;
+    size_t bytes;
+    int group;  // -1 until committed
+  };
+  std::vector<PendingCopy> pending_copies;
+  int committed_groups = 0;
   Block* block = nullptr;
 };
 
@@ -420,6 +429,15 @@ void syncthreads(const char* file, int line) {
 }
 
 const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file, int line) {
+  const unsigned char* all = warp_exchange_bytes(mask, &value, sizeof(value), what, file, line);
+  Fiber& fiber = *tl_fiber;
+  for (int lane = 0; lane < 32; ++lane) std::memcpy(&fiber.exchange_words[lane], all + lane * kExchangeBytes, 8);
+  return fiber.exchange_words;
+}
+
+const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t bytes, const char* what,
+                                         const char* file, int line) {
+  if (bytes > kExchangeBytes) fault("warp exchange of more than 64 bytes per lane", file, line);
   Block& block = *tl_block;
   Fiber& fiber = *tl_fiber;
   Warp& warp = block.warps[fiber.warp];
@@ -441,7 +459,7 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, c
         << std::dec << " at " << warp.file << ":" << warp.line << " from other lanes of the warp";
     fault(out.str(), file, line);
   }
-  warp.values[fiber.lane] = value;
+  std::memcpy(warp.values[fiber.lane], data, bytes);
   warp.arrived |= own;
   ++block.progress;
   const uint64_t generation = warp.generation;
@@ -458,7 +476,31 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, c
   }
   ++block.progress;
   fiber.wait = Wait::kNone;
-  return fiber.exchange;
+  return &fiber.exchange[0][0];
+}
+
+void async_copy(void* destination, const void* source, size_t bytes) {
+  tl_fiber->pending_copies.push_back({destination, source, bytes, -1});
+}
+
+void async_commit() {
+  Fiber& fiber = *tl_fiber;
+  for (auto& copy : fiber.pending_copies) {
+    if (copy.group < 0) copy.group = fiber.committed_groups;
+  }
+  ++fiber.committed_groups;
+}
+
+void async_wait(int newest_groups_left_pending) {
+  Fiber& fiber = *tl_fiber;
+  const int complete_below = fiber.committed_groups - newest_groups_left_pending;
+  auto& pending = fiber.pending_copies;
+  for (auto& copy : pending) {
+    if (copy.group >= 0 && copy.group < complete_below) std::memcpy(copy.destination, copy.source, copy.bytes);
+  }
+  pending.erase(std::remove_if(pending.begin(), pending.end(),
+                               [&](const Fiber::PendingCopy& c) { return c.group >= 0 && c.group < complete_below; }),
+                pending.end());
 }
 
 void syncwarp(unsigned mask, const char* file, int line) { warp_exchange(mask, 0, "__syncwarp", file, line); }

@@ -79,9 +79,19 @@ const dim3& grid_dim();
 void syncthreads(const char* file, int line);
 void syncwarp(unsigned mask, const char* file, int line);
 
-// A warp collective: every lane named in `mask` deposits `value` and waits for the others;
-// returns the 32 deposited values (as 64-bit patterns) of the lanes in `mask`.
+// A warp collective: every lane named in `mask` deposits `bytes` (at most kExchangeBytes) and
+// waits for the others; returns the 32 lanes' deposits, lane l's at l * kExchangeBytes.
+constexpr size_t kExchangeBytes = 64;
+const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t bytes, const char* what,
+                                         const char* file, int line);
+// The same for one 8-byte value per lane: returns the 32 values.
 const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file, int line);
+
+// Asynchronous copies (cp.async): queued per thread, performed only when a wait covers their
+// group, so a kernel that forgets the wait reads stale (poisoned) shared memory.
+void async_copy(void* destination, const void* source, size_t bytes);
+void async_commit();
+void async_wait(int newest_groups_left_pending);
 int lane_id();
 
 [[noreturn]] void fault(const std::string& what, const char* file, int line);
