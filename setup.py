@@ -105,7 +105,8 @@ else:
 emu_ext = CppExtension(
     "adaptfuse._emu",
     sources=sources("csrc/emu/*.cpp") + ["csrc/arguments.cpp"],
-    include_dirs=include_dirs,
+    # CUDA headers, where found, give emulated kernels cuda_fp16.h / cuda_bf16.h's types.
+    include_dirs=include_dirs + ([os.path.join(CUDA_HOME, "include")] if CUDA_HOME else []) + wheel_cuda_include_dirs(),
     define_macros=[("ADAPTFUSE_EMU", "1")],
     extra_compile_args={"cxx": ["-O2", "-ffp-contract=off", "-fno-strict-aliasing"]},
 )

@@ -107,6 +107,36 @@ __global__ void dynamic_shared_kernel(int* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = scratch[blockDim.x - 1 - threadIdx.x];
 }
 
+#if defined(ADAPTFUSE_EMU_CUDA_HEADERS)
+// cuda_bf16.h on the host: 16 bytes read as uint4 and reinterpreted as four bf16 pairs (the
+// usual kernel idiom, which needs -fno-strict-aliasing), then __hfma2 and back to float.
+__global__ void bf16_pairs_kernel(const __nv_bfloat16* in, float* out) {
+  const uint4 raw = adaptfuse::load_global_16(in + 8 * threadIdx.x);
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const __nv_bfloat162 two = __floats2bfloat162_rn(2.0f, 2.0f);
+  for (int i = 0; i < 4; ++i) {
+    const float2 values = __bfloat1622float2(__hfma2(pairs[i], two, pairs[i]));  // 3x, rounded once
+    out[8 * threadIdx.x + 2 * i] = values.x;
+    out[8 * threadIdx.x + 2 * i + 1] = values.y;
+  }
+}
+
+static void test_bf16_types() {
+  set_mode(kModes[0]);
+  alignas(16) __nv_bfloat16 in[8 * 32];
+  float out[8 * 32];
+  for (int i = 0; i < 8 * 32; ++i) in[i] = __float2bfloat16(0.01f * static_cast<float>(i) - 1.0f);
+  launch_kernel(__FILE__, __LINE__, "bf16_pairs_kernel", bf16_pairs_kernel, dim3(1), dim3(32), 0, nullptr,
+                static_cast<const __nv_bfloat16*>(in), out);
+  for (int i = 0; i < 8 * 32; ++i) {
+    const float expected = __bfloat162float(__float2bfloat16(3.0f * __bfloat162float(in[i])));
+    EXPECT(out[i] == expected, "bf16 pair %d: %f vs %f", i, out[i], expected);
+  }
+}
+#else
+static void test_bf16_types() { std::printf("emu_test: no CUDA headers, bf16 types not tested\n"); }
+#endif
+
 // Broken on purpose.
 __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 16) {
@@ -300,6 +330,7 @@ int main(int argc, char** argv) {
     test_plan_kernel(mode);
   }
   test_vector_access();
+  test_bf16_types();
   test_faults();
   std::printf("emu_test: %s (%d failures)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;

@@ -16,7 +16,24 @@
 #include <string>
 #include <type_traits>
 
+// With the CUDA headers on the include path (the toolkit's, or torch's CUDA wheels'), their
+// host definitions of the vector types, dim3, the error and stream types and the 16-bit
+// float types are used; without them, minimal equivalents below.
+#if __has_include(<cuda_bf16.h>) && __has_include(<cuda_fp16.h>) && __has_include(<vector_types.h>)
+#define ADAPTFUSE_EMU_CUDA_HEADERS 1
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <driver_types.h>
+#include <vector_types.h>
+#endif
+
 // CUDA's declaration specifiers vanish.
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __align__
 #define __global__
 #define __device__
 #define __host__
@@ -24,6 +41,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
+#if !defined(ADAPTFUSE_EMU_CUDA_HEADERS)
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -44,9 +62,10 @@ struct alignas(8) float2 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
-
 using cudaStream_t = struct EmuStream*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 4 };
+#endif
+
 // Faults throw adaptfuse_emu::Fault from the launch itself, so nothing is left to report.
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t error) {
@@ -194,3 +213,24 @@ float atomic_add(float* address, float value);
 #define atomicAdd(address, value) ::adaptfuse_emu::atomic_add(address, value)
 
 inline int __popc(unsigned bits) { return __builtin_popcount(bits); }
+
+// cuda_fp16.h / cuda_bf16.h compile on the host (types, conversions, most arithmetic) where
+// the toolkit's or torch's CUDA wheels' headers are on the include path; the fused
+// multiply-adds are device-only there, so they get host versions: the exact a * b + c
+// (a * b is exact in double) rounded once to the 16-bit format, as the device does.
+#if defined(ADAPTFUSE_EMU_CUDA_HEADERS)
+inline __half __hfma(__half a, __half b, __half c) {
+  return __double2half(static_cast<double>(__half2float(a)) * __half2float(b) + __half2float(c));
+}
+inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
+  return __double2bfloat16(static_cast<double>(__bfloat162float(a)) * __bfloat162float(b) + __bfloat162float(c));
+}
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return __halves2half2(__hfma(__low2half(a), __low2half(b), __low2half(c)),
+                        __hfma(__high2half(a), __high2half(b), __high2half(c)));
+}
+inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  return __halves2bfloat162(__hfma(__low2bfloat16(a), __low2bfloat16(b), __low2bfloat16(c)),
+                            __hfma(__high2bfloat16(a), __high2bfloat16(b), __high2bfloat16(c)));
+}
+#endif
