@@ -88,7 +88,7 @@ struct Warp {
   bool draining = false;     // all arrived; lanes are reading the values
   int remaining = 0;         // lanes still to read
   uint64_t generation = 0;
-  unsigned char values[32][kExchangeBytes] = {};
+  unsigned char values[32][kExchangeBytes];  // written before read: no initialisation
   const char* what = nullptr;
   const char* file = nullptr;
   int line = 0;
@@ -114,8 +114,8 @@ struct Fiber {
   const char* wait_what = nullptr;
   const char* wait_file = nullptr;
   int wait_line = 0;
-  unsigned char exchange[32][kExchangeBytes] = {};
-  uint64_t exchange_words[32] = {};
+  unsigned char exchange[32][kExchangeBytes];  // written before read: no initialisation
+  uint64_t exchange_words[32];
   struct PendingCopy {
     void* destination;
     const void* source;
@@ -331,8 +331,17 @@ void run_block(Block& block, uint64_t block_linear) {
   const Options& opts = options();
   const dim3 dim = block.block_dim;
   const size_t count = static_cast<size_t>(dim.x) * dim.y * dim.z;
-  block.fibers.assign(count, Fiber{});
-  block.warps.assign((count + 31) / 32, Warp{});
+  // Fibers are reused from block to block (their exchange buffers need no clearing).
+  if (block.fibers.size() != count) block.fibers.resize(count);
+  block.warps.resize((count + 31) / 32);
+  for (Warp& warp : block.warps) {
+    warp.arrived = 0;
+    warp.mask = 0;
+    warp.draining = false;
+    warp.remaining = 0;
+    warp.what = warp.file = nullptr;
+    warp.line = 0;
+  }
   block.barrier_arrived = 0;
   block.shared_sites.clear();
   block.shared_used = 0;
@@ -344,6 +353,12 @@ void run_block(Block& block, uint64_t block_linear) {
   }
   for (size_t i = 0; i < count; ++i) {
     Fiber& f = block.fibers[i];
+    f.wait = Wait::kNone;
+    f.wait_what = f.wait_file = nullptr;
+    f.wait_line = 0;
+    f.pending_copies.clear();
+    f.committed_groups = 0;
+    f.asan_fake_stack = nullptr;
     f.linear = static_cast<int>(i);
     f.thread_idx = {static_cast<unsigned>(i % dim.x), static_cast<unsigned>((i / dim.x) % dim.y),
                     static_cast<unsigned>(i / (static_cast<size_t>(dim.x) * dim.y))};
