@@ -39,7 +39,7 @@ ctest:
 	cmake --build cmake-build-asan -j2 --target emu_test
 	ctest --test-dir cmake-build-asan --output-on-failure -R emulator
 
-test: build ctest
+test: build lint ctest
 	$(PY) scripts/run_pytest.py -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test-full: build
@@ -55,7 +55,7 @@ bench: build
 lint: $(STAMPS)/deps
 	$(PY) -m pip install -q ruff clang-format
 	$(PY) -m ruff check adaptfuse tests benchmarks scripts
-	$(VENV)/bin/clang-format --dry-run --Werror --style="{BasedOnStyle: Google, ColumnLimit: 100}" $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc cmake/tests -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 # On a GPU machine, with its own Python and torch (no venv, no network): builds for the
 # local GPU only and runs one stage (build-test, sanitize, bench), each under 8 minutes.

@@ -6,8 +6,10 @@ implementations; it works on machines without a GPU whether or not CUDA was buil
 
 import torch
 
-from adaptfuse import _C  # noqa: F401  (registers torch.ops.adaptfuse.*)
-from adaptfuse import ops
+from adaptfuse import (
+    _C,
+    ops,
+)
 from adaptfuse.ops import MergeRecord
 
 __version__ = "0.1.0"
@@ -23,4 +25,4 @@ def cuda_available() -> bool:
     return cuda_built() and torch.cuda.is_available()
 
 
-__all__ = ["MergeRecord", "cuda_available", "cuda_built", "ops", "__version__"]
+__all__ = ["MergeRecord", "__version__", "cuda_available", "cuda_built", "ops"]

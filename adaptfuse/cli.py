@@ -28,29 +28,48 @@ def demo(args) -> int:
         return 2
     gen = torch.Generator().manual_seed(0)
     hidden_in, hidden_out, max_rank = 1024, 2816, 64
-    adapters = {"support-bot": (16, 32.0), "legal": (64, 16.0), "tenant-7": (8, 16.0), "ab-arm-b": (4, 8.0)}
+    adapters = {
+        "support-bot": (16, 32.0),
+        "legal": (64, 16.0),
+        "tenant-7": (8, 16.0),
+        "ab-arm-b": (4, 8.0),
+    }
     names = list(adapters)
     num_slots = len(names)
     dtype = torch.float32
-    print(f"adaptfuse {adaptfuse.__version__}: CUDA kernels built: {adaptfuse.cuda_built()}, "
-          f"GPU usable: {adaptfuse.cuda_available()}; running on {device}\n")
+    print(
+        f"adaptfuse {adaptfuse.__version__}: CUDA kernels built: {adaptfuse.cuda_built()}, "
+        f"GPU usable: {adaptfuse.cuda_available()}; running on {device}\n"
+    )
 
     # Slot banks of one adapted layer, rank-major, as patch() will allocate them.
     A = torch.zeros(num_slots, max_rank, hidden_in, dtype=dtype)
     B = torch.zeros(num_slots, max_rank, hidden_out, dtype=dtype)
     ranks = torch.zeros(num_slots, dtype=torch.int32)
     scales = torch.zeros(num_slots)
-    for slot, (name, (rank, alpha)) in enumerate(adapters.items()):
+    for slot, (rank, alpha) in enumerate(adapters.values()):
         A[slot, :rank] = torch.randn(rank, hidden_in, generator=gen) / hidden_in**0.5
         B[slot, :rank] = torch.randn(rank, hidden_out, generator=gen) * 0.1 / rank**0.5
         ranks[slot], scales[slot] = rank, alpha / rank
     A, B, ranks, scales = (t.to(device) for t in (A, B, ranks, scales))
 
     # A batch of 8 requests with prompts of different lengths; each names its adapter or None.
-    requests = [("support-bot", 5), (None, 3), ("legal", 7), ("tenant-7", 2), ("support-bot", 4),
-                ("ab-arm-b", 6), (None, 1), ("legal", 3)]
-    token_slots = torch.cat([torch.full((length,), names.index(name) if name else -1, dtype=torch.int32)
-                             for name, length in requests]).to(device)
+    requests = [
+        ("support-bot", 5),
+        (None, 3),
+        ("legal", 7),
+        ("tenant-7", 2),
+        ("support-bot", 4),
+        ("ab-arm-b", 6),
+        (None, 1),
+        ("legal", 3),
+    ]
+    token_slots = torch.cat(
+        [
+            torch.full((length,), names.index(name) if name else -1, dtype=torch.int32)
+            for name, length in requests
+        ]
+    ).to(device)
     x = torch.randn(token_slots.numel(), hidden_in, generator=gen).to(device)
     base_out = torch.randn(token_slots.numel(), hidden_out, generator=gen).to(device)
 
@@ -60,9 +79,13 @@ def demo(args) -> int:
     y = ops.expand_(base_out.clone(), v, [B], [0], ranks, plan)
     elapsed_ms = (time.perf_counter() - begin) * 1e3
 
-    exact = reference.expand(base_out, reference.shrink(x, A, ranks, scales, token_slots),
-                             [B], [0], ranks, token_slots)
-    print(f"{'request':>7}  {'adapter':<12} {'rank':>4} {'tokens':>6}  {'max |error| vs float64':>22}  ok")
+    exact = reference.expand(
+        base_out, reference.shrink(x, A, ranks, scales, token_slots), [B], [0], ranks, token_slots
+    )
+    print(
+        f"{'request':>7}  {'adapter':<12} {'rank':>4} {'tokens':>6}  "
+        f"{'max |error| vs float64':>22}  ok"
+    )
     start = 0
     all_ok = True
     for i, (name, length) in enumerate(requests):
@@ -72,10 +95,14 @@ def demo(args) -> int:
         ok = error <= bound and (name is not None or torch.equal(y[rows], base_out[rows]))
         all_ok &= ok
         rank = adapters[name][0] if name else 0
-        print(f"{i:>7}  {str(name):<12} {rank:>4} {length:>6}  {error:>22.2e}  {'yes' if ok else 'NO'}")
+        print(
+            f"{i:>7}  {name!s:<12} {rank:>4} {length:>6}  {error:>22.2e}  {'yes' if ok else 'NO'}"
+        )
         start += length
-    print(f"\none pass over {len(requests)} requests, {num_slots} adapters of ranks "
-          f"{sorted({r for r, _ in adapters.values()})}: {elapsed_ms:.2f} ms\n")
+    print(
+        f"\none pass over {len(requests)} requests, {num_slots} adapters of ranks "
+        f"{sorted({r for r, _ in adapters.values()})}: {elapsed_ms:.2f} ms\n"
+    )
 
     # Merge "legal" into a weight and unmerge it: the weight comes back bit for bit.
     W = (torch.randn(hidden_out, hidden_in, generator=gen) * 0.02).to(torch.bfloat16).to(device)
@@ -87,8 +114,11 @@ def demo(args) -> int:
     changed = (W != original).float().mean().item()
     ops.unmerge_(W, [legal_A], [legal_B], [coefficient], record)
     identical = torch.equal(W.view(torch.int16), original.view(torch.int16))
-    print(f"merge 'legal' into a bf16 {hidden_out}x{hidden_in} weight: {changed:.1%} of elements changed; "
-          f"record {record.fraction_of(W):.1%} of W's bytes")
+    print(
+        f"merge 'legal' into a bf16 {hidden_out}x{hidden_in} weight: "
+        f"{changed:.1%} of elements changed; "
+        f"record {record.fraction_of(W):.1%} of W's bytes"
+    )
     print(f"unmerge: weight bit-identical to the original: {'yes' if identical else 'NO'}")
 
     # Bad input is refused with a message that names the problem; nothing is written.
@@ -100,10 +130,13 @@ def demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="adaptfuse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="adaptfuse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="a mixed-adapter batch checked against the reference")
+    demo_parser = commands.add_parser(
+        "demo", help="a mixed-adapter batch checked against the reference"
+    )
     demo_parser.add_argument("--device", default="cuda" if adaptfuse.cuda_available() else "cpu")
     demo_parser.set_defaults(run=demo)
     args = parser.parse_args(argv)

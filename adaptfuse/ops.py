@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -76,7 +77,9 @@ def shrink(
     x: [T, H_in] (fp32/fp16/bf16, stride 1 along H_in); A: [S, R_max, H_in].
     Returns v: fp32 [T, R_max], zero for tokens without a slot and beyond each slot's rank.
     """
-    return _op(library, "shrink")(x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets)
+    return _op(library, "shrink")(
+        x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets
+    )
 
 
 def expand_(
@@ -89,7 +92,7 @@ def expand_(
     *,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
-    """In place: ``y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)]``.
+    """In place: ``y[t, off_i:off_i + H_out_i] += v[t, col_i:col_i + rank(s)] @ B_i[s, :rank(s)]``.
 
     One launch covers several output slices (fused projections): B_i is [S, R_max_i, H_out_i],
     slice i reads v's columns starting at col_i = R_max_0 + ... + R_max_{i-1}, so v is
@@ -97,7 +100,14 @@ def expand_(
     Tokens without a slot are left untouched. Returns y.
     """
     _op(library, "expand_")(
-        y, v, list(B), list(out_offsets), ranks, plan.token_slots, plan.token_order, plan.slot_offsets
+        y,
+        v,
+        list(B),
+        list(out_offsets),
+        ranks,
+        plan.token_slots,
+        plan.token_order,
+        plan.slot_offsets,
     )
     return y
 
@@ -131,9 +141,11 @@ class MergeRecord:
         """The record's size as a fraction of W's bytes (a full copy of W would be 1.0)."""
         return self.nbytes / (W.numel() * W.element_size())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MergeRecord":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MergeRecord:
         """A copy on another device (keep records in host memory, bring them back to unmerge)."""
-        return MergeRecord(*(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
+        return MergeRecord(
+            *(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self))
+        )
 
 
 def merge_(
@@ -169,7 +181,9 @@ def unmerge_(
     Takes the same A, B and coefficients as the merge_ that produced ``record``, on the same
     backend. Returns W.
     """
-    _op(library, "unmerge_")(W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record))
+    _op(library, "unmerge_")(
+        W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record)
+    )
     return W
 
 

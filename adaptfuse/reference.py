@@ -6,7 +6,7 @@ functions and never against the code under test. Semantics: DESIGN.md, "The ops"
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ def expand(
     """A new tensor: y + v @ B per output slice, in ``dtype`` (y itself is not touched)."""
     out = y.to(dtype).clone()
     v_column = 0
-    for bank, offset in zip(B, out_offsets):
+    for bank, offset in zip(B, out_offsets, strict=True):
         width = bank.shape[2]
         for slot in range(bank.shape[0]):
             rows = (token_slots == slot).nonzero().flatten()
@@ -80,7 +80,7 @@ def merge_delta(
 ) -> torch.Tensor:
     """sum_i coefficients[i] * B_i^T @ A_i, [H_out, H_in], in ``dtype``."""
     delta = None
-    for a, b, coefficient in zip(A, B, coefficients):
+    for a, b, coefficient in zip(A, B, coefficients, strict=True):
         term = float(coefficient) * (b.to(dtype).T @ a.to(dtype))
         delta = term if delta is None else delta + term
     return delta

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import interleaved_medians, table, write_result
 
 import adaptfuse
 from adaptfuse import ops, reference
-from common import interleaved_medians, table, write_result
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,15 +33,19 @@ def run(args) -> dict:
         work = W.clone()
         record = ops.merge_(work, A, B, [coefficient])
         ops.unmerge_(work, A, B, [coefficient], record)
-        assert torch.equal(work.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           W.view(torch.int16 if dtype != torch.float32 else torch.int32))
+        assert torch.equal(
+            work.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            W.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        )
         holder = {}
 
-        def merge_then_unmerge():
+        def merge_then_unmerge(work=work, coefficient=coefficient, holder=holder):
             holder["record"] = ops.merge_(work, A, B, [coefficient])
             ops.unmerge_(work, A, B, [coefficient], holder["record"])
 
-        timing = interleaved_medians({"merge+unmerge": merge_then_unmerge}, repeats=args.repeats, device=device, warmup=1)
+        timing = interleaved_medians(
+            {"merge+unmerge": merge_then_unmerge}, repeats=args.repeats, device=device, warmup=1
+        )
         point = {
             "mean_abs_delta_over_w": ratio,
             "mismatching_fraction": record.num_entries / W.numel(),
@@ -51,16 +55,35 @@ def run(args) -> dict:
             "bytes_moved_per_pass": 2 * W.numel() * W.element_size(),
         }
         points.append(point)
-        rows.append((ratio, f"{point['mismatching_fraction']:.2%}", f"{point['record_fraction_of_w_bytes']:.2%}",
-                     point["escapes"], f"{point['merge_plus_unmerge_us'] / 1e3:.1f}"))
-    print(table(rows, ["|delta|/|W|", "mismatching", "record/W bytes", "escapes", "merge+unmerge ms"]))
-    return {"setup": {"shape": [h_out, h_in], "rank": args.rank, "dtype": args.dtype, "device": device,
-                      "threads": torch.get_num_threads()},
-            "points": points, "target_record_fraction_at_5pct": 0.10}
+        rows.append(
+            (
+                ratio,
+                f"{point['mismatching_fraction']:.2%}",
+                f"{point['record_fraction_of_w_bytes']:.2%}",
+                point["escapes"],
+                f"{point['merge_plus_unmerge_us'] / 1e3:.1f}",
+            )
+        )
+    print(
+        table(rows, ["|delta|/|W|", "mismatching", "record/W bytes", "escapes", "merge+unmerge ms"])
+    )
+    return {
+        "setup": {
+            "shape": [h_out, h_in],
+            "rank": args.rank,
+            "dtype": args.dtype,
+            "device": device,
+            "threads": torch.get_num_threads(),
+        },
+        "points": points,
+        "target_record_fraction_at_5pct": 0.10,
+    }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--shape", type=int, nargs=2, default=[4096, 4096])

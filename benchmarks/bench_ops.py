@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import interleaved_medians, table, write_result
 
 import adaptfuse
 from adaptfuse import ops
-from common import interleaved_medians, table, write_result
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,14 +46,29 @@ def run(args) -> dict:
         ops.plan(token_slots, S)
 
     timings = interleaved_medians(
-        {"adaptfuse_shrink_expand": adaptfuse_mixed, "dense_single_adapter": dense_single_adapter, "plan": plan_only},
+        {
+            "adaptfuse_shrink_expand": adaptfuse_mixed,
+            "dense_single_adapter": dense_single_adapter,
+            "plan": plan_only,
+        },
         repeats=args.repeats,
         device=device,
     )
-    ratio = timings["adaptfuse_shrink_expand"]["median_us"] / timings["dense_single_adapter"]["median_us"]
+    ratio = (
+        timings["adaptfuse_shrink_expand"]["median_us"]
+        / timings["dense_single_adapter"]["median_us"]
+    )
     return {
-        "setup": {"tokens": T, "hidden": H, "rank": r, "adapters": S, "segments": "equal", "dtype": args.dtype,
-                  "device": device, "threads": torch.get_num_threads()},
+        "setup": {
+            "tokens": T,
+            "hidden": H,
+            "rank": r,
+            "adapters": S,
+            "segments": "equal",
+            "dtype": args.dtype,
+            "device": device,
+            "threads": torch.get_num_threads(),
+        },
         "timings": timings,
         "ratio_adaptfuse_over_dense": ratio,
         "target_ratio": 1.10,
@@ -62,7 +77,9 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -76,9 +93,15 @@ def main(argv=None):
         raise SystemExit("bench_ops: --device cuda needs a GPU and the CUDA build")
     result = run(args)
     path = write_result(f"ops_{args.dtype}", args.device, result, args.out_dir)
-    rows = [(name, f"{t['median_us']:.1f}", f"{t['min_us']:.1f}") for name, t in result["timings"].items()]
+    rows = [
+        (name, f"{t['median_us']:.1f}", f"{t['min_us']:.1f}")
+        for name, t in result["timings"].items()
+    ]
     print(table(rows, ["candidate", "median us", "min us"]))
-    print(f"adaptfuse / dense single adapter = {result['ratio_adaptfuse_over_dense']:.3f} (target <= 1.10)")
+    print(
+        f"adaptfuse / dense single adapter = {result['ratio_adaptfuse_over_dense']:.3f} "
+        "(target <= 1.10)"
+    )
     print(f"wrote {path}")
     return result
 

@@ -9,7 +9,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,7 +23,8 @@ def device_name(device: str) -> str:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+                    model = line.split(":", 1)[1].strip()
+                    return f"{model} x{os.cpu_count()} threads={torch.get_num_threads()}"
     except OSError:
         pass
     return f"{platform.processor() or 'cpu'} threads={torch.get_num_threads()}"
@@ -47,8 +48,9 @@ def versions() -> dict:
     return found
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int, device: str,
-                        warmup: int = 3) -> dict[str, dict]:
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 3
+) -> dict[str, dict]:
     """Runs the candidates round-robin (A B C A B C ...), so that drifts in clock speed or
     load hit all of them alike, and reports median and spread in microseconds."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -60,7 +62,10 @@ def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: in
     for _ in range(repeats):
         for name, fn in candidates.items():
             if device.startswith("cuda"):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 fn()
                 end.record()
@@ -98,6 +103,6 @@ def write_result(kind: str, device: str, payload: dict, out_dir: str | None = No
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -41,9 +41,8 @@ void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t di
 
 void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                 int64_t expected, const char* meaning) {
-  TORCH_CHECK_VALUE(t.size(dim) == expected, "adaptfuse.", op, ": argument '", name,
-                    "' has shape ", t.sizes(), " but its dimension ", dim, " (", meaning,
-                    ") must be ", expected);
+  TORCH_CHECK_VALUE(t.size(dim) == expected, "adaptfuse.", op, ": argument '", name, "' has shape ",
+                    t.sizes(), " but its dimension ", dim, " (", meaning, ") must be ", expected);
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
@@ -54,9 +53,9 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t,
 }
 
 void check_unit_inner_stride(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "adaptfuse.", op, ": argument '",
-                    name, "' must have stride 1 along its last dimension, got strides ",
-                    t.strides(), " for shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "adaptfuse.", op, ": argument '", name,
+                    "' must have stride 1 along its last dimension, got strides ", t.strides(),
+                    " for shape ", t.sizes());
   for (int64_t d = 0; d + 1 < t.dim(); ++d) {
     TORCH_CHECK_VALUE(t.stride(d) >= 0, "adaptfuse.", op, ": argument '", name,
                       "' has a negative stride: ", t.strides());
@@ -98,8 +97,7 @@ void check_rank_values(const char* op, const at::Tensor& ranks, int64_t capacity
   for (int64_t s = 0; s < host.numel(); ++s) {
     TORCH_CHECK_VALUE(values[s] >= 0 && values[s] <= capacity, "adaptfuse.", op,
                       ": argument 'ranks' has rank ", values[s], " for slot ", s,
-                      ", above the capacity ", capacity_name, " = ", capacity,
-                      " (or negative)");
+                      ", above the capacity ", capacity_name, " = ", capacity, " (or negative)");
   }
 }
 
@@ -108,14 +106,14 @@ void check_plan(const char* op, const at::Tensor& token_slots, const at::Tensor&
   const int64_t num_tokens = token_slots.size(0);
   check_table(op, "token_order", token_order, at::kInt, num_tokens, "[T]", "token_slots",
               token_slots);
-  check_table(op, "slot_offsets", slot_offsets, at::kInt, num_slots + 1, "[S + 1]",
-              "token_slots", token_slots);
+  check_table(op, "slot_offsets", slot_offsets, at::kInt, num_slots + 1, "[S + 1]", "token_slots",
+              token_slots);
   if (!validate_values(slot_offsets)) return;
   const at::Tensor host = slot_offsets.cpu();
   const int32_t* offsets = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(offsets[0] == 0 && offsets[num_slots] <= num_tokens, "adaptfuse.", op,
-                    ": argument 'slot_offsets' is not a plan of ", num_tokens,
-                    " tokens (first ", offsets[0], ", last ", offsets[num_slots],
+                    ": argument 'slot_offsets' is not a plan of ", num_tokens, " tokens (first ",
+                    offsets[0], ", last ", offsets[num_slots],
                     "); build it with adaptfuse.ops.plan");
   for (int64_t s = 0; s < num_slots; ++s) {
     TORCH_CHECK_VALUE(offsets[s] <= offsets[s + 1], "adaptfuse.", op,
@@ -151,8 +149,10 @@ PlanArgs plan_arguments(const at::Tensor& token_slots, int64_t num_slots) {
   check_dtype(op, "token_slots", token_slots, at::kInt);
   check_dim(op, "token_slots", token_slots, 1, "[T]");
   check_contiguous(op, "token_slots", token_slots);
-  TORCH_CHECK_VALUE(num_slots >= 0 && num_slots < (int64_t{1} << 31), "adaptfuse.plan: argument 'num_slots' must be in [0, 2^31), got ", num_slots);
-  TORCH_CHECK_VALUE(token_slots.size(0) < (int64_t{1} << 31), "adaptfuse.plan: at most 2^31 - 1 tokens, got ", token_slots.size(0));
+  TORCH_CHECK_VALUE(num_slots >= 0 && num_slots < (int64_t{1} << 31),
+                    "adaptfuse.plan: argument 'num_slots' must be in [0, 2^31), got ", num_slots);
+  TORCH_CHECK_VALUE(token_slots.size(0) < (int64_t{1} << 31),
+                    "adaptfuse.plan: at most 2^31 - 1 tokens, got ", token_slots.size(0));
   check_token_slot_values(op, token_slots, num_slots);
   PlanArgs args{};
   args.token_slots = token_slots.data_ptr<int32_t>();
@@ -208,8 +208,9 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   TORCH_CHECK_VALUE(!b.empty() && b.size() <= static_cast<size_t>(kMaxExpandSlices),
                     "adaptfuse.expand_: argument 'B' must hold 1 to ", kMaxExpandSlices,
                     " output slices, got ", b.size());
-  TORCH_CHECK_VALUE(out_offsets.size() == b.size(), "adaptfuse.expand_: argument 'out_offsets' has ",
-                    out_offsets.size(), " entries but 'B' has ", b.size(), " slices");
+  TORCH_CHECK_VALUE(out_offsets.size() == b.size(),
+                    "adaptfuse.expand_: argument 'out_offsets' has ", out_offsets.size(),
+                    " entries but 'B' has ", b.size(), " slices");
   const int64_t num_slots = b[0].dim() == 3 ? b[0].size(0) : -1;
   int64_t v_columns = 0;
   int64_t smallest_capacity = INT64_MAX;
@@ -217,7 +218,8 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   for (size_t i = 0; i < b.size(); ++i) {
     const std::string name = c10::str("B[", i, "]");
     const DType dtype = kernel_dtype(op, name.c_str(), b[i]);
-    TORCH_CHECK_TYPE(i == 0 || dtype == args.b_dtype, "adaptfuse.expand_: all slices of 'B' must share one dtype; B[0] is ",
+    TORCH_CHECK_TYPE(i == 0 || dtype == args.b_dtype,
+                     "adaptfuse.expand_: all slices of 'B' must share one dtype; B[0] is ",
                      b[0].scalar_type(), ", ", name, " is ", b[i].scalar_type());
     args.b_dtype = dtype;
     check_dim(op, name.c_str(), b[i], 3, "[S, R_max, H_out]");
@@ -243,9 +245,10 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   }
   std::sort(spans.begin(), spans.end());
   for (size_t i = 1; i < spans.size(); ++i) {
-    TORCH_CHECK_VALUE(spans[i].first >= spans[i - 1].second, "adaptfuse.expand_: output slices overlap: columns [",
-                      spans[i - 1].first, ", ", spans[i - 1].second, ") and [", spans[i].first, ", ",
-                      spans[i].second, ")");
+    TORCH_CHECK_VALUE(spans[i].first >= spans[i - 1].second,
+                      "adaptfuse.expand_: output slices overlap: columns [", spans[i - 1].first,
+                      ", ", spans[i - 1].second, ") and [", spans[i].first, ", ", spans[i].second,
+                      ")");
   }
   check_dtype(op, "v", v, at::kFloat);
   check_dim(op, "v", v, 2, "[T, sum of the slices' R_max]");
@@ -270,8 +273,8 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   return args;
 }
 
-MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a,
-                          at::TensorList b, c10::ArrayRef<double> coefficients) {
+MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a, at::TensorList b,
+                          c10::ArrayRef<double> coefficients) {
   MergeArgs args{};
   args.w_dtype = kernel_dtype(op, "W", w);
   check_dim(op, "W", w, 2, "[H_out, H_in]");
@@ -280,8 +283,8 @@ MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a,
   TORCH_CHECK_VALUE(!a.empty() && a.size() <= static_cast<size_t>(kMaxMergeTerms), "adaptfuse.", op,
                     ": argument 'A' must hold 1 to ", kMaxMergeTerms, " adapters, got ", a.size());
   TORCH_CHECK_VALUE(b.size() == a.size() && coefficients.size() == a.size(), "adaptfuse.", op,
-                    ": 'A', 'B' and 'coefficients' must have one entry per adapter; got ",
-                    a.size(), ", ", b.size(), " and ", coefficients.size());
+                    ": 'A', 'B' and 'coefficients' must have one entry per adapter; got ", a.size(),
+                    ", ", b.size(), " and ", coefficients.size());
   for (size_t i = 0; i < a.size(); ++i) {
     const std::string a_name = c10::str("A[", i, "]");
     const std::string b_name = c10::str("B[", i, "]");
@@ -289,7 +292,8 @@ MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a,
     const DType b_dtype = kernel_dtype(op, b_name.c_str(), b[i]);
     TORCH_CHECK_TYPE(a_dtype == b_dtype && (i == 0 || a_dtype == args.adapter_dtype), "adaptfuse.",
                      op, ": every A[i] and B[i] must share one dtype; A[0] is ", a[0].scalar_type(),
-                     ", ", a_name, " is ", a[i].scalar_type(), ", ", b_name, " is ", b[i].scalar_type());
+                     ", ", a_name, " is ", a[i].scalar_type(), ", ", b_name, " is ",
+                     b[i].scalar_type());
     args.adapter_dtype = a_dtype;
     check_dim(op, a_name.c_str(), a[i], 2, "[r, H_in]");
     check_dim(op, b_name.c_str(), b[i], 2, "[r, H_out]");
@@ -330,7 +334,8 @@ void check_merge_record(const at::Tensor& w, const at::Tensor& tile_counts,
   const int64_t num_tiles = (w.numel() + kMergeTileElements - 1) / kMergeTileElements;
   check_dtype(op, "tile_counts", tile_counts, at::kInt);
   check_dim(op, "tile_counts", tile_counts, 2, "[num_tiles, 2]");
-  check_size(op, "tile_counts", tile_counts, 0, num_tiles, "the number of 65536-element tiles of W");
+  check_size(op, "tile_counts", tile_counts, 0, num_tiles,
+             "the number of 65536-element tiles of W");
   check_size(op, "tile_counts", tile_counts, 1, 2, "entries and escapes");
   check_dtype(op, "offsets", offsets, at::kShort);
   check_dim(op, "offsets", offsets, 1, "[N]");
@@ -339,9 +344,11 @@ void check_merge_record(const at::Tensor& w, const at::Tensor& tile_counts,
   check_size(op, "corrections", corrections, 0, offsets.size(0), "N, the entries of 'offsets'");
   check_dtype(op, "escape_bits", escape_bits, at::kInt);
   check_dim(op, "escape_bits", escape_bits, 1, "[E]");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"tile_counts", tile_counts},
-                                {"offsets", offsets}, {"corrections", corrections},
-                                {"escape_bits", escape_bits}}) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"tile_counts", tile_counts},
+        {"offsets", offsets},
+        {"corrections", corrections},
+        {"escape_bits", escape_bits}}) {
     check_same_device(op, name, t, "W", w);
     check_contiguous(op, name, t);
   }

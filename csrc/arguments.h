@@ -29,8 +29,8 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
                             const at::Tensor& token_slots, const at::Tensor& token_order,
                             const at::Tensor& slot_offsets);
 
-MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a,
-                          at::TensorList b, c10::ArrayRef<double> coefficients);
+MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a, at::TensorList b,
+                          c10::ArrayRef<double> coefficients);
 
 int64_t merge_num_tiles(const MergeArgs& args);
 

@@ -18,8 +18,8 @@
 namespace adaptfuse {
 
 inline void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, "adaptfuse.", op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(status));
+  TORCH_CHECK(status == cudaSuccess, "adaptfuse.", op,
+              ": CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
 
 template <class Backend>
@@ -36,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> plan_op(const at::Tensor& token_slots, int64_
 
 template <class Backend>
 at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
-                       const at::Tensor& scales, const at::Tensor& token_slots,
-                       const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+                     const at::Tensor& scales, const at::Tensor& token_slots,
+                     const at::Tensor& token_order, const at::Tensor& slot_offsets) {
   ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
   const typename Backend::Guard guard(x);
   // Zero-filled: the kernel writes every row of a token, but T may be 0 or R_max 0.
@@ -50,9 +50,8 @@ at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
 
 template <class Backend>
 void expand_op(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
-                 c10::IntArrayRef out_offsets, const at::Tensor& ranks,
-                 const at::Tensor& token_slots, const at::Tensor& token_order,
-                 const at::Tensor& slot_offsets) {
+               c10::IntArrayRef out_offsets, const at::Tensor& ranks, const at::Tensor& token_slots,
+               const at::Tensor& token_order, const at::Tensor& slot_offsets) {
   const ExpandArgs args =
       expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
   const typename Backend::Guard guard(y);
@@ -61,7 +60,7 @@ void expand_op(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
 
 // Per-tile starts (exclusive prefix sums) of entries and escapes, on W's device.
 inline std::pair<at::Tensor, at::Tensor> tile_starts(const at::Tensor& host_counts, int64_t columns,
-                                              const at::Tensor& device_like) {
+                                                     const at::Tensor& device_like) {
   const int64_t num_tiles = host_counts.size(0);
   at::Tensor starts = at::empty({2, num_tiles}, host_counts.options().dtype(at::kLong));
   const int32_t* counts = host_counts.data_ptr<int32_t>();
@@ -104,28 +103,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_op(
   at::Tensor offsets = at::empty({entries}, options.dtype(at::kShort));
   at::Tensor corrections = at::empty({entries}, options.dtype(at::kChar));
   at::Tensor escape_bits = at::empty({escapes}, options.dtype(at::kInt));
-  check_launch(launch_merge_apply(args, entry_starts.data_ptr<int64_t>(),
-                                  escape_starts.data_ptr<int64_t>(), offsets.data_ptr<int16_t>(),
-                                  corrections.data_ptr<int8_t>(), escape_bits.data_ptr<int32_t>(),
-                                  stream),
-               "merge_");
+  check_launch(
+      launch_merge_apply(args, entry_starts.data_ptr<int64_t>(), escape_starts.data_ptr<int64_t>(),
+                         offsets.data_ptr<int16_t>(), corrections.data_ptr<int8_t>(),
+                         escape_bits.data_ptr<int32_t>(), stream),
+      "merge_");
   at::Tensor tile_counts = host_stats.narrow(1, 0, 2).contiguous().to(w.device());
   return {tile_counts, offsets, corrections, escape_bits};
 }
 
 template <class Backend>
 void unmerge_op(const at::Tensor& w, at::TensorList a, at::TensorList b,
-                  c10::ArrayRef<double> coefficients, const at::Tensor& tile_counts,
-                  const at::Tensor& offsets, const at::Tensor& corrections,
-                  const at::Tensor& escape_bits) {
+                c10::ArrayRef<double> coefficients, const at::Tensor& tile_counts,
+                const at::Tensor& offsets, const at::Tensor& corrections,
+                const at::Tensor& escape_bits) {
   const MergeArgs args = merge_arguments("unmerge_", w, a, b, coefficients);
   check_merge_record(w, tile_counts, offsets, corrections, escape_bits);
   const typename Backend::Guard guard(w);
   const auto [entry_starts, escape_starts] = tile_starts(tile_counts.cpu(), 2, w);
-  check_launch(launch_unmerge(args, tile_counts.data_ptr<int32_t>(), entry_starts.data_ptr<int64_t>(),
-                              escape_starts.data_ptr<int64_t>(), offsets.data_ptr<int16_t>(),
-                              corrections.data_ptr<int8_t>(), escape_bits.data_ptr<int32_t>(),
-                              Backend::stream(w)),
+  check_launch(launch_unmerge(args, tile_counts.data_ptr<int32_t>(),
+                              entry_starts.data_ptr<int64_t>(), escape_starts.data_ptr<int64_t>(),
+                              offsets.data_ptr<int16_t>(), corrections.data_ptr<int8_t>(),
+                              escape_bits.data_ptr<int32_t>(), Backend::stream(w)),
                "unmerge_");
 }
 

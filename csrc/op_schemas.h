@@ -6,12 +6,12 @@
 
 #define ADAPTFUSE_OP_SCHEMAS(DEFINE)                                                              \
   /* Tokens grouped by slot: token_order [T] int32, slot_offsets [S + 1] int32. */                \
-  DEFINE("plan(Tensor token_slots, int num_slots) -> (Tensor token_order, Tensor slot_offsets)") \
-  /* v [T, R_max] fp32: v[t, :rank(s)] = scales[s] * x[t] @ A[s, :rank(s)]^T, zero elsewhere. */ \
+  DEFINE("plan(Tensor token_slots, int num_slots) -> (Tensor token_order, Tensor slot_offsets)")  \
+  /* v [T, R_max] fp32: v[t, :rank(s)] = scales[s] * x[t] @ A[s, :rank(s)]^T, zero elsewhere. */  \
   DEFINE(                                                                                         \
       "shrink(Tensor x, Tensor A, Tensor ranks, Tensor scales, Tensor token_slots, "              \
       "Tensor token_order, Tensor slot_offsets) -> Tensor")                                       \
-  /* y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)]. */       \
+  /* y[t, off_i : off_i + H_out_i] += v[t, col_i : col_i + rank(s)] @ B_i[s, :rank(s)]. */        \
   DEFINE(                                                                                         \
       "expand_(Tensor(a!) y, Tensor v, Tensor[] B, int[] out_offsets, Tensor ranks, "             \
       "Tensor token_slots, Tensor token_order, Tensor slot_offsets) -> ()")                       \

@@ -26,9 +26,9 @@ PyMethodDef module_methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C",
-                                 "adaptfuse's compiled ops; registered with torch.library on import.",
-                                 -1, module_methods};
+PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "adaptfuse's compiled ops; registered with torch.library on import.", -1, module_methods};
 
 }  // namespace
 

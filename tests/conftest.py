@@ -9,6 +9,7 @@ import torch
 
 import adaptfuse
 
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """Where an op test runs: the CPU ops, the CUDA kernels on a GPU, or the CUDA kernel
@@ -40,10 +41,16 @@ EMULATED = [
 
 def target_param(target: Target):
     if target is CUDA:
-        return pytest.param(target, id=str(target), marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not adaptfuse.cuda_available(), reason="needs a GPU and the CUDA build"),
-        ])
+        return pytest.param(
+            target,
+            id=str(target),
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(
+                    not adaptfuse.cuda_available(), reason="needs a GPU and the CUDA build"
+                ),
+            ],
+        )
     return pytest.param(target, id=str(target))
 
 
@@ -66,6 +73,7 @@ def emulator_mode(request):
         yield
     finally:
         _emu.set_options(*previous)
+
 
 BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

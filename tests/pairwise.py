@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 
 def pairwise_cases(
@@ -19,10 +20,7 @@ def pairwise_cases(
     rng = random.Random(seed)
 
     def pairs_of(case: dict) -> set:
-        return {
-            (a, case[a], b, case[b])
-            for a, b in itertools.combinations(names, 2)
-        }
+        return {(a, case[a], b, case[b]) for a, b in itertools.combinations(names, 2)}
 
     uncovered = {
         (a, va, b, vb)
@@ -53,4 +51,7 @@ def pairwise_cases(
 
 
 def case_id(case: dict) -> str:
-    return "-".join(f"{k}={getattr(v, '__name__', None) or str(v).replace('torch.', '')}" for k, v in case.items())
+    return "-".join(
+        f"{k}={getattr(v, '__name__', None) or str(v).replace('torch.', '')}"
+        for k, v in case.items()
+    )

@@ -15,7 +15,11 @@ def test_portable_cpu_path(module):
     env = {**os.environ, "ADAPTFUSE_CPU_SIMD": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-k", "cpu", "-p", "no:cacheprovider", module],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout

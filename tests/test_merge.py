@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import BIT_VIEW, TARGETS, assert_bit_identical
 
 from adaptfuse import ops, reference
-from conftest import BIT_VIEW, TARGETS, assert_bit_identical, bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -34,13 +34,25 @@ def test_merge_matches_reference(target, dtype, shape):
     coefficients = [2.0, -0.5, 0.125]
     expected = reference.merge(W.cpu(), [a.cpu() for a in A], [b.cpu() for b in B], coefficients)
     exact = W.cpu().double() + reference.merge_delta(A, B, coefficients).cpu()
-    delta_fp32_error = (reference.merge_delta(A, B, coefficients, torch.float32).cpu().double()
-                        - reference.merge_delta(A, B, coefficients).cpu()).abs().max().item()
+    delta_fp32_error = (
+        (
+            reference.merge_delta(A, B, coefficients, torch.float32).cpu().double()
+            - reference.merge_delta(A, B, coefficients).cpu()
+        )
+        .abs()
+        .max()
+        .item()
+    )
     original = W.clone()
     record = ops.merge_(W, A, B, coefficients, library=library)
     error = (W.cpu().double() - exact).abs()
-    ulp = torch.finfo(dtype).eps * exact.abs() + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
-    assert bool((error <= 2 * delta_fp32_error + ulp).all()), "merged W is off by more than the fp32 delta error + 1 ulp"
+    ulp = (
+        torch.finfo(dtype).eps * exact.abs()
+        + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    )
+    assert bool((error <= 2 * delta_fp32_error + ulp).all()), (
+        "merged W is off by more than the fp32 delta error + 1 ulp"
+    )
     if dtype != torch.float32 and W.numel() >= 1000:
         # The fp32 delta's error rarely moves a 16-bit rounding: mostly float64's result.
         assert (W.cpu() != expected).float().mean().item() < 0.05
@@ -55,20 +67,22 @@ def adversarial_weights(dtype: torch.dtype, shape, gen) -> tuple[torch.Tensor, t
     h_out, h_in = shape
     ulp_at_one = info.eps
     rows = [
-        (torch.ones(h_in), ulp_at_one / 2),            # w + delta is an exact tie
-        (torch.ones(h_in) * 1.5, ulp_at_one / 2),      # tie, odd neighbour
-        (torch.ones(h_in), -ulp_at_one / 4),           # crosses the binade edge below 1
-        (torch.full((h_in,), 2.0), -ulp_at_one),       # lands exactly on the edge
+        (torch.ones(h_in), ulp_at_one / 2),  # w + delta is an exact tie
+        (torch.ones(h_in) * 1.5, ulp_at_one / 2),  # tie, odd neighbour
+        (torch.ones(h_in), -ulp_at_one / 4),  # crosses the binade edge below 1
+        (torch.full((h_in,), 2.0), -ulp_at_one),  # lands exactly on the edge
         (torch.full((h_in,), info.tiny), -info.tiny / 2),  # into the subnormals
         (torch.full((h_in,), info.tiny / 4), info.tiny / 8),  # subnormal + subnormal
-        (torch.full((h_in,), -0.0), 0.0),              # -0.0 + 0.0 gives +0.0
+        (torch.full((h_in,), -0.0), 0.0),  # -0.0 + 0.0 gives +0.0
         (torch.zeros(h_in), -0.0),
         (torch.randn(h_in, generator=gen) * 1e-3, 5.0),  # delta far larger than W
         (torch.randn(h_in, generator=gen) * 1e-6, -300.0),
-        (torch.full((h_in,), info.max / 2), 0.25),       # large weights
+        (torch.full((h_in,), info.max / 2), 0.25),  # large weights
     ]
     while len(rows) < h_out:
-        rows.append((torch.randn(h_in, generator=gen) * 0.02, float(torch.randn(1, generator=gen)) * 0.01))
+        rows.append(
+            (torch.randn(h_in, generator=gen) * 0.02, float(torch.randn(1, generator=gen)) * 0.01)
+        )
     W = torch.stack([r for r, _ in rows[:h_out]]).to(dtype)
     row_delta = torch.tensor([d for _, d in rows[:h_out]], dtype=torch.float64)
     # NaN with payloads (quiet and signalling patterns) and infinities, in the random rows.
@@ -151,7 +165,9 @@ def test_strided_weight_and_record_on_host(target):
     A, B = random_adapters((200, 300), [16], torch.bfloat16, device, gen, scale=0.3)
     original = storage.clone()
     record = ops.merge_(W, A, B, [1.0], library=library).to("cpu")
-    expected = reference.merge(original.t().cpu(), [a.cpu() for a in A], [b.cpu() for b in B], [1.0])
+    expected = reference.merge(
+        original.t().cpu(), [a.cpu() for a in A], [b.cpu() for b in B], [1.0]
+    )
     assert (W.cpu() != expected).float().mean().item() < 0.05
     ops.unmerge_(W, A, B, [1.0], record.to(device), library=library)
     assert_bit_identical(storage, original, "transposed W after unmerge")
@@ -177,7 +193,10 @@ def test_record_is_compact(target):
     assert record.fraction_of(W) <= 0.10
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0].library != "adaptfuse" or t.values[0].device == "cuda"])
+@pytest.mark.parametrize(
+    "target",
+    [t for t in TARGETS if t.values[0].library != "adaptfuse" or t.values[0].device == "cuda"],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_merge_exactly_like_the_cpu_ops(target, dtype):
     """The CUDA kernels (on a GPU or emulated) and the CPU ops share merge_math.cuh: the same
@@ -191,8 +210,18 @@ def test_kernels_merge_exactly_like_the_cpu_ops(target, dtype):
     on_cpu = W.clone()
     cpu_record = ops.merge_(on_cpu, A, B, [0.75, -2.0])
     on_target = W.to(device)
-    record = ops.merge_(on_target, [a.to(device) for a in A], [b.to(device) for b in B], [0.75, -2.0], library=library)
+    record = ops.merge_(
+        on_target,
+        [a.to(device) for a in A],
+        [b.to(device) for b in B],
+        [0.75, -2.0],
+        library=library,
+    )
     assert_bit_identical(on_target, on_cpu, "merged W, kernels against CPU ops")
-    for name, mine, theirs in zip(("tile_counts", "offsets", "corrections", "escape_bits"),
-                                  dataclasses.astuple(record), dataclasses.astuple(cpu_record)):
+    for name, mine, theirs in zip(
+        ("tile_counts", "offsets", "corrections", "escape_bits"),
+        dataclasses.astuple(record),
+        dataclasses.astuple(cpu_record),
+        strict=True,
+    ):
         assert torch.equal(mine.cpu(), theirs), f"record field {name} differs"

@@ -6,10 +6,10 @@ import zlib
 
 import pytest
 import torch
-
-from adaptfuse import ops, reference
 from conftest import TARGETS, assert_within_torch_error
 from pairwise import case_id, pairwise_cases
+
+from adaptfuse import ops, reference
 
 SIZES = [1, 7, 64, 127, 1000, 4097]
 RANKS = [1, 8, 16, 64, 256, 512]
@@ -91,8 +91,12 @@ def build_case(case: dict, device: str):
     ranks = ranks_for(case["ranks"], num_slots, rank, gen)
     scales = (torch.rand(num_slots, generator=gen) * 2 + 0.25).float()
     x = make_operand((num_tokens, case["h_in"]), dtype, device, case["layout"], gen)
-    A = make_operand((num_slots, rank, case["h_in"]), dtype, device, case["layout"], gen, case["h_in"] ** -0.5)
-    B = make_operand((num_slots, rank, case["h_out"]), dtype, device, case["layout"], gen, rank**-0.5)
+    A = make_operand(
+        (num_slots, rank, case["h_in"]), dtype, device, case["layout"], gen, case["h_in"] ** -0.5
+    )
+    B = make_operand(
+        (num_slots, rank, case["h_out"]), dtype, device, case["layout"], gen, rank**-0.5
+    )
     y = make_operand((num_tokens, case["h_out"]), dtype, device, case["layout"], gen)
     return x, A, B, y, token_slots.to(device), ranks.to(device), scales.to(device)
 
@@ -153,10 +157,15 @@ def test_expand_several_output_slices(target, dtype):
     num_tokens, num_slots = 37, 5
     slot_ranks = [(8, 96), (16, 33), (4, 200)]  # (R_max_i, H_out_i)
     offsets = [250, 0, 40]
-    B = [(torch.randn(num_slots, r, h, generator=gen) / r**0.5).to(dtype).to(device) for r, h in slot_ranks]
+    B = [
+        (torch.randn(num_slots, r, h, generator=gen) / r**0.5).to(dtype).to(device)
+        for r, h in slot_ranks
+    ]
     v = torch.randn(num_tokens, sum(r for r, _ in slot_ranks), generator=gen).to(device)
     y = torch.randn(num_tokens, 460, generator=gen).to(dtype).to(device)
-    token_slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).to(torch.int32).to(device)
+    token_slots = (
+        torch.randint(-1, num_slots, (num_tokens,), generator=gen).to(torch.int32).to(device)
+    )
     ranks = torch.tensor([4, 1, 0, 3, 2], dtype=torch.int32, device=device)
     plan = ops.plan(token_slots, num_slots, library=library)
     exact = reference.expand(y, v, B, offsets, ranks, token_slots)
@@ -184,10 +193,17 @@ def test_mixed_input_and_adapter_dtypes(target):
     plan = ops.plan(token_slots, 3, library=library)
     v = ops.shrink(x, A, ranks, scales, plan, library=library)
     exact_v = reference.shrink(x, A, ranks, scales, token_slots)
-    assert_within_torch_error(v, exact_v, reference.shrink(x, A, ranks, scales, token_slots, torch.float32), torch.float32)
+    assert_within_torch_error(
+        v, exact_v, reference.shrink(x, A, ranks, scales, token_slots, torch.float32), torch.float32
+    )
     exact_y = reference.expand(y, v, [B], [0], ranks, token_slots)
     ops.expand_(y, v, [B], [0], ranks, plan, library=library)
-    assert_within_torch_error(y, exact_y, reference.expand(y, v, [B], [0], ranks, token_slots, torch.bfloat16), torch.bfloat16)
+    assert_within_torch_error(
+        y,
+        exact_y,
+        reference.expand(y, v, [B], [0], ranks, token_slots, torch.bfloat16),
+        torch.bfloat16,
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -6,23 +6,23 @@
 //  - sum_rounded_once(a, b) equals the single rounding of the exact sum a + b, including exact
 //    ties, wherever double holds a + b exactly (checked per case; where it does not, a
 //    double-based reference would itself round twice).
+#include "kernels/float_formats.cuh"
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
 
-#include "kernels/float_formats.cuh"
-
 using namespace adaptfuse;
 
 static int failures = 0;
-#define EXPECT(cond, ...)                                \
-  do {                                                   \
-    if (!(cond) && ++failures <= 20) {                   \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::printf(__VA_ARGS__);                          \
-      std::printf("\n");                                 \
-    }                                                    \
+#define EXPECT(cond, ...)                              \
+  do {                                                 \
+    if (!(cond) && ++failures <= 20) {                 \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                        \
+      std::printf("\n");                               \
+    }                                                  \
   } while (0)
 
 static uint16_t half_bits(_Float16 h) {
@@ -36,10 +36,10 @@ static uint16_t bf16_from_double(double value) {
   if (std::isnan(value)) return 0x7fc0;
   int exponent;
   const double mantissa = std::frexp(std::fabs(value), &exponent);  // [0.5, 1)
-  const double scaled = std::ldexp(mantissa, 8);                     // 8 significant bits
-  double rounded = std::nearbyint(scaled);                           // ties to even
+  const double scaled = std::ldexp(mantissa, 8);                    // 8 significant bits
+  double rounded = std::nearbyint(scaled);                          // ties to even
   const double result = std::copysign(std::ldexp(rounded, exponent - 8), value);
-  const float as_float = static_cast<float>(result);                 // exact
+  const float as_float = static_cast<float>(result);  // exact
   uint32_t bits;
   std::memcpy(&bits, &as_float, 4);
   return static_cast<uint16_t>(bits >> 16);
@@ -123,10 +123,12 @@ int main() {
       if (std::fabs(exact) > 1.1754944e-38 && exact - wbf == delta && exact - delta == wbf) {
         const uint16_t expected = bf16_from_double(exact);
         const uint16_t actual = BFloat16Format::sum_rounded_once(wbf, delta);
-        EXPECT(actual == expected, "bf16 %a + %a: %04x, expected %04x", wbf, delta, actual, expected);
+        EXPECT(actual == expected, "bf16 %a + %a: %04x, expected %04x", wbf, delta, actual,
+               expected);
       }
     }
   }
-  std::printf("float_formats: %s (%d failures, %d tie cases)\n", failures ? "FAILED" : "ok", failures, ties);
+  std::printf("float_formats: %s (%d failures, %d tie cases)\n", failures ? "FAILED" : "ok",
+              failures, ties);
   return failures ? 1 : 0;
 }

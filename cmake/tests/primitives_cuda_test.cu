@@ -25,11 +25,12 @@ struct GpuRunner {
   }
   template <class Kernel, class... Args>
   void launch(const char* name, Kernel kernel, unsigned grid, unsigned block, Args... args) {
-    const cudaError_t status = adaptfuse::launch_kernel(__FILE__, __LINE__, name, kernel, dim3(grid), dim3(block), 0,
-                                                        nullptr, args...);
+    const cudaError_t status = adaptfuse::launch_kernel(
+        __FILE__, __LINE__, name, kernel, dim3(grid), dim3(block), 0, nullptr, args...);
     const cudaError_t synced = cudaDeviceSynchronize();
     if (status != cudaSuccess || synced != cudaSuccess) {
-      std::printf("FAIL: %s: %s\n", name, cudaGetErrorString(status != cudaSuccess ? status : synced));
+      std::printf("FAIL: %s: %s\n", name,
+                  cudaGetErrorString(status != cudaSuccess ? status : synced));
       ++primitives_test::failures();
     }
   }

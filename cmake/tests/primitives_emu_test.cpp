@@ -11,7 +11,8 @@ struct EmulatedRunner {
   T* upload(const std::vector<T>& values) {
     buffers.emplace_back(values.size() * sizeof(T) + 16);
     auto& storage = buffers.back();
-    auto* aligned = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 15) & ~uintptr_t{15});
+    auto* aligned =
+        reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 15) & ~uintptr_t{15});
     std::memcpy(aligned, values.data(), values.size() * sizeof(T));
     return aligned;
   }
@@ -21,7 +22,8 @@ struct EmulatedRunner {
   }
   template <class Kernel, class... Args>
   void launch(const char* name, Kernel kernel, unsigned grid, unsigned block, Args... args) {
-    adaptfuse::launch_kernel(__FILE__, __LINE__, name, kernel, dim3(grid), dim3(block), 0, nullptr, args...);
+    adaptfuse::launch_kernel(__FILE__, __LINE__, name, kernel, dim3(grid), dim3(block), 0, nullptr,
+                             args...);
   }
 };
 

@@ -22,9 +22,9 @@ namespace adaptfuse {
 namespace {
 
 constexpr int64_t kGemmMinTokens = 16;
-constexpr int64_t kTokensPerChunk = 4;          // portable loops
+constexpr int64_t kTokensPerChunk = 4;                // portable loops
 constexpr int64_t kSimdExpandChunk = kGemmMinTokens;  // vector expand: tokens per work item
-constexpr int64_t kSimdExpandColumns = 512;     // vector expand: outputs per work item
+constexpr int64_t kSimdExpandColumns = 512;           // vector expand: outputs per work item
 
 // Tokens token_order[begin:end] all use `slot`.
 struct Segment {
@@ -90,7 +90,8 @@ void shrink_chunk(const ShrinkArgs& args, const int32_t* tokens, int64_t slot, f
     rows[r] = static_cast<const typename XFormat::Bits*>(args.x) + tokens[r] * args.x_row_stride;
   }
   const float scale = args.scales[slot];
-  const auto* a_slot = static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride;
+  const auto* a_slot =
+      static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride;
   float dots[N];
   for (int64_t k = 0; k < args.ranks[slot]; ++k) {
     dot_rows<XFormat, AFormat, N>(rows, a_slot + k * args.a_rank_stride, args.h_in, dots);
@@ -107,16 +108,22 @@ void shrink_chunk_any(const ShrinkArgs& args, const int32_t* tokens, int64_t cou
     x_rows[r] = static_cast<const typename XFormat::Bits*>(args.x) + tokens[r] * args.x_row_stride;
     v_rows[r] = v + tokens[r] * v_row_stride;
   }
-  const void* a_slot = static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride;
+  const void* a_slot =
+      static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride;
   if (shrink_rows_simd(args.x_dtype, args.a_dtype, x_rows, static_cast<int>(count), a_slot,
-                       args.a_rank_stride, args.ranks[slot], args.h_in, args.scales[slot], v_rows)) {
+                       args.a_rank_stride, args.ranks[slot], args.h_in, args.scales[slot],
+                       v_rows)) {
     return;
   }
   switch (count) {
-    case 1: return shrink_chunk<XFormat, AFormat, 1>(args, tokens, slot, v, v_row_stride);
-    case 2: return shrink_chunk<XFormat, AFormat, 2>(args, tokens, slot, v, v_row_stride);
-    case 3: return shrink_chunk<XFormat, AFormat, 3>(args, tokens, slot, v, v_row_stride);
-    default: return shrink_chunk<XFormat, AFormat, 4>(args, tokens, slot, v, v_row_stride);
+    case 1:
+      return shrink_chunk<XFormat, AFormat, 1>(args, tokens, slot, v, v_row_stride);
+    case 2:
+      return shrink_chunk<XFormat, AFormat, 2>(args, tokens, slot, v, v_row_stride);
+    case 3:
+      return shrink_chunk<XFormat, AFormat, 3>(args, tokens, slot, v, v_row_stride);
+    default:
+      return shrink_chunk<XFormat, AFormat, 4>(args, tokens, slot, v, v_row_stride);
   }
 }
 
@@ -136,7 +143,9 @@ void for_each_long_segment(const SegmentWork& work, Fn&& fn) {
   }
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
 
 at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order,
                         const Segment& segment, bool* consecutive, int64_t* first,
@@ -153,7 +162,8 @@ at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                       const at::Tensor& scales, const at::Tensor& token_slots,
                       const at::Tensor& token_order, const at::Tensor& slot_offsets) {
-  const ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
+  const ShrinkArgs args =
+      shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
   if (args.num_tokens == 0 || args.max_rank == 0) return v;
   // With a vector kernel, every segment goes through it: it matches the BLAS on these skinny
@@ -166,7 +176,8 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
     bool consecutive;
     int64_t first;
     at::Tensor indices;
-    const at::Tensor xs = as_float(segment_rows(x, token_order, segment, &consecutive, &first, &indices));
+    const at::Tensor xs =
+        as_float(segment_rows(x, token_order, segment, &consecutive, &first, &indices));
     const int64_t rank = args.ranks[segment.slot];
     const at::Tensor a_rows = as_float(a.select(0, segment.slot).narrow(0, 0, rank));
     const float scale = args.scales[segment.slot];
@@ -182,14 +193,16 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   float* v_data = v.data_ptr<float>();
   const int64_t v_row_stride = v.stride(0);
   AF_FORMAT_SWITCH(args.x_dtype, XFormat, AF_FORMAT_SWITCH(args.a_dtype, AFormat, {
-    at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const Segment& chunk = work.chunks[c];
-        shrink_chunk_any<XFormat, AFormat>(args, order + chunk.begin, chunk.size(), chunk.slot,
-                                           v_data, v_row_stride);
-      }
-    });
-  }));
+                     at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1,
+                                      [&](int64_t begin, int64_t end) {
+                                        for (int64_t c = begin; c < end; ++c) {
+                                          const Segment& chunk = work.chunks[c];
+                                          shrink_chunk_any<XFormat, AFormat>(
+                                              args, order + chunk.begin, chunk.size(), chunk.slot,
+                                              v_data, v_row_stride);
+                                        }
+                                      });
+                   }));
   return v;
 }
 
@@ -198,16 +211,19 @@ template <class YFormat>
 void add_rows_into_y(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* tokens,
                      int64_t count, const float* sums, int64_t sums_row_stride) {
   for (int64_t r = 0; r < count; ++r) {
-    auto* y = static_cast<typename YFormat::Bits*>(args.y) + tokens[r] * args.y_row_stride + slice.out_offset;
+    auto* y = static_cast<typename YFormat::Bits*>(args.y) + tokens[r] * args.y_row_stride +
+              slice.out_offset;
     const float* sum = sums + r * sums_row_stride;
-    for (int64_t o = 0; o < slice.h_out; ++o) y[o] = YFormat::sum_rounded_once(YFormat::to_float(y[o]), sum[o]);
+    for (int64_t o = 0; o < slice.h_out; ++o)
+      y[o] = YFormat::sum_rounded_once(YFormat::to_float(y[o]), sum[o]);
   }
 }
 
 template <class YFormat, class BFormat>
 void expand_chunk(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* tokens,
                   int64_t count, int64_t slot, std::vector<float>& sums) {
-  const auto* b_slot = static_cast<const typename BFormat::Bits*>(slice.b) + slot * slice.slot_stride;
+  const auto* b_slot =
+      static_cast<const typename BFormat::Bits*>(slice.b) + slot * slice.slot_stride;
   sums.assign(count * slice.h_out, 0.0f);
   const int64_t rank = args.ranks[slot];
   for (int64_t k = 0; k < rank; ++k) {
@@ -250,20 +266,25 @@ void expand_vectorized(const ExpandArgs& args, const std::vector<Segment>& chunk
       const ExpandSlice& slice = args.slices[item.slice];
       for (int64_t r = 0; r < item.chunk.size(); ++r) {
         const int64_t t = order[item.chunk.begin + r];
-        y_rows[r] = static_cast<char*>(args.y) + (t * args.y_row_stride + slice.out_offset) * y_element_bytes;
+        y_rows[r] = static_cast<char*>(args.y) +
+                    (t * args.y_row_stride + slice.out_offset) * y_element_bytes;
         v_rows[r] = args.v + t * args.v_row_stride + slice.v_column;
       }
-      const void* b_slot = static_cast<const char*>(slice.b) + item.chunk.slot * slice.slot_stride * b_element_bytes;
-      expand_rows_simd(args.y_dtype, args.b_dtype, y_rows, v_rows, static_cast<int>(item.chunk.size()), b_slot,
-                       slice.rank_stride, args.ranks[item.chunk.slot], item.o_begin, item.o_end);
+      const void* b_slot =
+          static_cast<const char*>(slice.b) + item.chunk.slot * slice.slot_stride * b_element_bytes;
+      expand_rows_simd(args.y_dtype, args.b_dtype, y_rows, v_rows,
+                       static_cast<int>(item.chunk.size()), b_slot, slice.rank_stride,
+                       args.ranks[item.chunk.slot], item.o_begin, item.o_end);
     }
   });
 }
 
 void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
-                c10::IntArrayRef out_offsets, const at::Tensor& ranks, const at::Tensor& token_slots,
-                const at::Tensor& token_order, const at::Tensor& slot_offsets) {
-  const ExpandArgs args = expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
+                c10::IntArrayRef out_offsets, const at::Tensor& ranks,
+                const at::Tensor& token_slots, const at::Tensor& token_order,
+                const at::Tensor& slot_offsets) {
+  const ExpandArgs args =
+      expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
   if (args.num_tokens == 0) return;
   const bool vector_kernel = expand_simd_available(args.y_dtype, args.b_dtype);
   const SegmentWork work = split_segments(slot_offsets, args.ranks, kGemmMinTokens,
@@ -280,7 +301,9 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
       const at::Tensor v_slice = vs.narrow(1, slice.v_column, rank);
       const at::Tensor b_rows = as_float(b[i].select(0, segment.slot).narrow(0, 0, rank));
       if (consecutive && y.scalar_type() == at::kFloat) {
-        y.narrow(0, first, segment.size()).narrow(1, slice.out_offset, slice.h_out).addmm_(v_slice, b_rows);
+        y.narrow(0, first, segment.size())
+            .narrow(1, slice.out_offset, slice.h_out)
+            .addmm_(v_slice, b_rows);
         continue;
       }
       const at::Tensor sums = at::mm(v_slice, b_rows);
@@ -298,17 +321,19 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
     return;
   }
   AF_FORMAT_SWITCH(args.y_dtype, YFormat, AF_FORMAT_SWITCH(args.b_dtype, BFormat, {
-    at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sums;
-      for (int64_t c = begin; c < end; ++c) {
-        const Segment& chunk = work.chunks[c];
-        for (int i = 0; i < args.num_slices; ++i) {
-          expand_chunk<YFormat, BFormat>(args, args.slices[i], order + chunk.begin, chunk.size(),
-                                         chunk.slot, sums);
-        }
-      }
-    });
-  }));
+                     at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1,
+                                      [&](int64_t begin, int64_t end) {
+                                        std::vector<float> sums;
+                                        for (int64_t c = begin; c < end; ++c) {
+                                          const Segment& chunk = work.chunks[c];
+                                          for (int i = 0; i < args.num_slices; ++i) {
+                                            expand_chunk<YFormat, BFormat>(
+                                                args, args.slices[i], order + chunk.begin,
+                                                chunk.size(), chunk.slot, sums);
+                                          }
+                                        }
+                                      });
+                   }));
 }
 
 }  // namespace

@@ -45,7 +45,8 @@ void for_each_tile_element(const MergeArgs& args, int64_t tile, std::vector<floa
       const auto* a = static_cast<const typename AdapterFormat::Bits*>(term.a) + first_column;
       const auto* b = static_cast<const typename AdapterFormat::Bits*>(term.b) + o;
       for (int64_t k = 0; k < term.rank; ++k) {
-        const float scaled_b = mul_rn(term.coefficient, AdapterFormat::to_float(b[k * term.b_row_stride]));
+        const float scaled_b =
+            mul_rn(term.coefficient, AdapterFormat::to_float(b[k * term.b_row_stride]));
         const auto* a_row = a + k * term.a_row_stride;
         for (int64_t j = 0; j < length; ++j) {
           delta[j] = add_rn(delta[j], mul_rn(scaled_b, AdapterFormat::to_float(a_row[j])));
@@ -123,14 +124,14 @@ void unmerge_with_record(const MergeArgs& args, const at::Tensor& tile_counts,
   const int8_t* correction_data = corrections.data_ptr<int8_t>();
   const int32_t* escape_data = escape_bits.data_ptr<int32_t>();
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        unmerge_tile<WFormat, AdapterFormat>(args, tile, offset_data, correction_data, escape_data,
-                                             entry_starts[tile], entry_starts[tile + 1],
-                                             escape_starts[tile]);
-      }
-    });
-  }));
+                     at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+                       for (int64_t tile = begin; tile < end; ++tile) {
+                         unmerge_tile<WFormat, AdapterFormat>(
+                             args, tile, offset_data, correction_data, escape_data,
+                             entry_starts[tile], entry_starts[tile + 1], escape_starts[tile]);
+                       }
+                     });
+                   }));
 }
 
 MergeRecordTensors merge_cpu(const at::Tensor& w, at::TensorList a, at::TensorList b,
@@ -139,10 +140,11 @@ MergeRecordTensors merge_cpu(const at::Tensor& w, at::TensorList a, at::TensorLi
   const int64_t num_tiles = merge_num_tiles(args);
   std::vector<TileRecord> records(num_tiles);
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) merge_tile<WFormat, AdapterFormat>(args, tile, records[tile]);
-    });
-  }));
+                     at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+                       for (int64_t tile = begin; tile < end; ++tile)
+                         merge_tile<WFormat, AdapterFormat>(args, tile, records[tile]);
+                     });
+                   }));
   int64_t entries = 0, escapes = 0, nonfinite = 0, first_nonfinite = -1;
   for (const TileRecord& record : records) {
     entries += static_cast<int64_t>(record.offsets.size());
@@ -164,14 +166,16 @@ MergeRecordTensors merge_cpu(const at::Tensor& w, at::TensorList a, at::TensorLi
     counts[2 * tile] = static_cast<int32_t>(record.offsets.size());
     counts[2 * tile + 1] = static_cast<int32_t>(record.escape_bits.size());
     offset_out = std::copy(record.offsets.begin(), record.offsets.end(), offset_out);
-    correction_out = std::copy(record.corrections.begin(), record.corrections.end(), correction_out);
+    correction_out =
+        std::copy(record.corrections.begin(), record.corrections.end(), correction_out);
     escape_out = std::copy(record.escape_bits.begin(), record.escape_bits.end(), escape_out);
   }
   if (nonfinite > 0) {
     unmerge_with_record(args, tile_counts, offsets, corrections, escape_bits);
     TORCH_CHECK_VALUE(false, "adaptfuse.merge_: the merge would make ", nonfinite,
-                      " element(s) of W non-finite (the first at [", first_nonfinite / args.h_in, ", ",
-                      first_nonfinite % args.h_in, "]); W was restored bit for bit and nothing merged");
+                      " element(s) of W non-finite (the first at [", first_nonfinite / args.h_in,
+                      ", ", first_nonfinite % args.h_in,
+                      "]); W was restored bit for bit and nothing merged");
   }
   return {tile_counts, offsets, corrections, escape_bits};
 }

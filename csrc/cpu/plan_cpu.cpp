@@ -19,7 +19,9 @@ std::tuple<at::Tensor, at::Tensor> plan_cpu(const at::Tensor& token_slots, int64
   int32_t* offsets = slot_offsets.data_ptr<int32_t>();
   // Bucket num_slots collects the tokens without a slot; they go last.
   std::vector<int64_t> next(num_slots + 2, 0);
-  auto bucket_of = [&](int32_t slot) -> int64_t { return slot >= 0 && slot < num_slots ? slot : num_slots; };
+  auto bucket_of = [&](int32_t slot) -> int64_t {
+    return slot >= 0 && slot < num_slots ? slot : num_slots;
+  };
   for (int64_t t = 0; t < args.num_tokens; ++t) ++next[bucket_of(args.token_slots[t]) + 1];
   for (int64_t b = 1; b <= num_slots + 1; ++b) next[b] += next[b - 1];
   for (int64_t s = 0; s <= num_slots; ++s) offsets[s] = static_cast<int32_t>(next[s]);

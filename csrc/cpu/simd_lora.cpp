@@ -5,10 +5,10 @@
 // target attributes and entered only when the CPU has AVX-512.
 #include "cpu/simd_lora.h"
 
-#include "kernels/dispatch.h"
-
 #include <cstdlib>
 #include <vector>
+
+#include "kernels/dispatch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -56,14 +56,17 @@ AF_AVX512 __m512 load16_masked(const void* base, int64_t index, __mmask16 mask) 
 // Copies rows [0, rows) of columns [begin, end) of a bank (row stride row_bytes) into dst as
 // fp32, each row padded with zeros to dst_stride floats (a multiple of 16).
 template <DType kDType>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_rows(
-    const char* first_row, int64_t row_bytes, int64_t rows, int64_t begin, int64_t end,
-    float* dst, int64_t dst_stride) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_rows(const char* first_row,
+                                                                    int64_t row_bytes, int64_t rows,
+                                                                    int64_t begin, int64_t end,
+                                                                    float* dst,
+                                                                    int64_t dst_stride) {
   for (int64_t k = 0; k < rows; ++k) {
     const char* row = first_row + k * row_bytes;
     for (int64_t i = begin; i < end; i += 16) {
       const int64_t left = end - i;
-      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+      const __mmask16 mask =
+          left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
       _mm512_storeu_ps(dst + k * dst_stride + (i - begin), load16_masked<kDType>(row, i, mask));
     }
   }
@@ -105,10 +108,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void shrink_tile_any_ranks(
     const void* const* x_rows, const char* a_first, int64_t a_row_bytes, int64_t i0, int64_t i1,
     int64_t ranks, __m512 (*partial)[kSuperRanks]) {
   switch (ranks) {
-    case 4: return shrink_tile<kX, kA, kRows, 4>(x_rows, a_first, a_row_bytes, i0, i1, partial);
-    case 3: return shrink_tile<kX, kA, kRows, 3>(x_rows, a_first, a_row_bytes, i0, i1, partial);
-    case 2: return shrink_tile<kX, kA, kRows, 2>(x_rows, a_first, a_row_bytes, i0, i1, partial);
-    default: return shrink_tile<kX, kA, kRows, 1>(x_rows, a_first, a_row_bytes, i0, i1, partial);
+    case 4:
+      return shrink_tile<kX, kA, kRows, 4>(x_rows, a_first, a_row_bytes, i0, i1, partial);
+    case 3:
+      return shrink_tile<kX, kA, kRows, 3>(x_rows, a_first, a_row_bytes, i0, i1, partial);
+    case 2:
+      return shrink_tile<kX, kA, kRows, 2>(x_rows, a_first, a_row_bytes, i0, i1, partial);
+    default:
+      return shrink_tile<kX, kA, kRows, 1>(x_rows, a_first, a_row_bytes, i0, i1, partial);
   }
 }
 
@@ -136,16 +143,29 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void shrink_rows(
           const int64_t ranks = group_ranks - k < 4 ? group_ranks - k : 4;
           auto* tile_partial = reinterpret_cast<__m512(*)[kSuperRanks]>(&partial[t][k]);
           switch (rows) {
-            case 4: shrink_tile_any_ranks<kX, kA, 4>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks, tile_partial); break;
-            case 3: shrink_tile_any_ranks<kX, kA, 3>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks, tile_partial); break;
-            case 2: shrink_tile_any_ranks<kX, kA, 2>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks, tile_partial); break;
-            default: shrink_tile_any_ranks<kX, kA, 1>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks, tile_partial); break;
+            case 4:
+              shrink_tile_any_ranks<kX, kA, 4>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks,
+                                               tile_partial);
+              break;
+            case 3:
+              shrink_tile_any_ranks<kX, kA, 3>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks,
+                                               tile_partial);
+              break;
+            case 2:
+              shrink_tile_any_ranks<kX, kA, 2>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks,
+                                               tile_partial);
+              break;
+            default:
+              shrink_tile_any_ranks<kX, kA, 1>(x_rows + t, a_first, a_row_bytes, i0, i1, ranks,
+                                               tile_partial);
+              break;
           }
         }
       }
     }
     for (int r = 0; r < count; ++r)
-      for (int64_t k = 0; k < group_ranks; ++k) v_rows[r][group + k] = scale * _mm512_reduce_add_ps(partial[r][k]);
+      for (int64_t k = 0; k < group_ranks; ++k)
+        v_rows[r][group + k] = scale * _mm512_reduce_add_ps(partial[r][k]);
   }
 }
 
@@ -189,7 +209,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_block(
       alignas(64) float sums[16 * kVectors];
       for (int j = 0; j < kVectors; ++j) _mm512_store_ps(sums + 16 * j, acc[r][j]);
       auto* y = static_cast<FormatBits<YFormat>*>(y_rows[r]) + o;
-      for (int64_t i = 0; i < width; ++i) y[i] = YFormat::sum_rounded_once(YFormat::to_float(y[i]), sums[i]);
+      for (int64_t i = 0; i < width; ++i)
+        y[i] = YFormat::sum_rounded_once(YFormat::to_float(y[i]), sums[i]);
     }
   }
 }
@@ -204,16 +225,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_rows(
   const int64_t packed_stride = (o_end - o_begin + 15) / 16 * 16;
   thread_local std::vector<float> packed;
   packed.resize(static_cast<size_t>(rank * packed_stride));
-  pack_rows<kB>(static_cast<const char*>(b_slot), b_row_bytes, rank, o_begin, o_end, packed.data(), packed_stride);
+  pack_rows<kB>(static_cast<const char*>(b_slot), b_row_bytes, rank, o_begin, o_end, packed.data(),
+                packed_stride);
   for (int64_t o = o_begin; o < o_end; o += 64) {
     const int64_t width = o_end - o < 64 ? o_end - o : 64;
     const float* block = packed.data() + (o - o_begin);
     for (int t = 0; t < count; t += 4) {
       switch (count - t < 4 ? count - t : 4) {
-        case 4: expand_block<YFormat, 4>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width); break;
-        case 3: expand_block<YFormat, 3>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width); break;
-        case 2: expand_block<YFormat, 2>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width); break;
-        default: expand_block<YFormat, 1>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width); break;
+        case 4:
+          expand_block<YFormat, 4>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          break;
+        case 3:
+          expand_block<YFormat, 3>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          break;
+        case 2:
+          expand_block<YFormat, 2>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          break;
+        default:
+          expand_block<YFormat, 1>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          break;
       }
     }
   }
@@ -221,16 +251,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_rows(
 
 // ADAPTFUSE_CPU_SIMD=0 turns the vector kernels off (the tests run the portable path so).
 bool cpu_has_avx512() {
-  static const bool supported = !simd_disabled_by_environment() && __builtin_cpu_supports("avx512f") &&
-                                __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
+  static const bool supported =
+      !simd_disabled_by_environment() && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return supported;
 }
 
-#define AF_SHRINK_CASE(X, A)                                                                   \
-  if (x_dtype == X && a_dtype == A) {                                                          \
-    shrink_rows<X, A>(x_rows, count, a_slot, a_rank_stride, rank, h_in, scale, v_rows);     \
-    return true;                                                                               \
+#define AF_SHRINK_CASE(X, A)                                                            \
+  if (x_dtype == X && a_dtype == A) {                                                   \
+    shrink_rows<X, A>(x_rows, count, a_slot, a_rank_stride, rank, h_in, scale, v_rows); \
+    return true;                                                                        \
   }
 
 }  // namespace
@@ -253,11 +283,14 @@ bool expand_rows_simd(DType y_dtype, DType b_dtype, void* const* y_rows, const f
   if (!expand_simd_available(y_dtype, b_dtype) || count < 1) return false;
   AF_FORMAT_SWITCH(y_dtype, YFormat, {
     if (b_dtype == DType::kFloat32) {
-      expand_rows<YFormat, DType::kFloat32>(y_rows, v_rows, count, b_slot, b_rank_stride, rank, o_begin, o_end);
+      expand_rows<YFormat, DType::kFloat32>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
+                                            o_begin, o_end);
     } else if (b_dtype == DType::kFloat16) {
-      expand_rows<YFormat, DType::kFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank, o_begin, o_end);
+      expand_rows<YFormat, DType::kFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
+                                            o_begin, o_end);
     } else {
-      expand_rows<YFormat, DType::kBFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank, o_begin, o_end);
+      expand_rows<YFormat, DType::kBFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
+                                             o_begin, o_end);
     }
   });
   return true;

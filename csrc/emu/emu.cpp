@@ -83,10 +83,10 @@ adaptfuse_emu_trampoline:
 #endif
 
 struct Warp {
-  unsigned arrived = 0;      // lanes that reached the current collective
-  unsigned mask = 0;         // the mask of the current collective (first arrival's)
-  bool draining = false;     // all arrived; lanes are reading the values
-  int remaining = 0;         // lanes still to read
+  unsigned arrived = 0;   // lanes that reached the current collective
+  unsigned mask = 0;      // the mask of the current collective (first arrival's)
+  bool draining = false;  // all arrived; lanes are reading the values
+  int remaining = 0;      // lanes still to read
   uint64_t generation = 0;
   unsigned char values[32][kExchangeBytes];  // written before read: no initialisation
   const char* what = nullptr;
@@ -173,7 +173,8 @@ struct Arena {
     }
     while (stacks.size() <= index) {
       const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-      void* memory = mmap(nullptr, bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      void* memory =
+          mmap(nullptr, bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (memory == MAP_FAILED) throw Fault("emulator: cannot allocate fiber stacks");
       mprotect(memory, page, PROT_NONE);  // a guard page: an overflowing stack faults loudly
       stacks.push_back(static_cast<char*>(memory));
@@ -193,9 +194,9 @@ thread_local Arena tl_arena;
 
 std::string describe_thread(const Block& block, const Fiber& fiber) {
   std::ostringstream out;
-  out << "kernel " << block.kernel << ", block (" << block.block_idx.x << ", " << block.block_idx.y << ", "
-      << block.block_idx.z << "), thread (" << fiber.thread_idx.x << ", " << fiber.thread_idx.y << ", "
-      << fiber.thread_idx.z << ")";
+  out << "kernel " << block.kernel << ", block (" << block.block_idx.x << ", " << block.block_idx.y
+      << ", " << block.block_idx.z << "), thread (" << fiber.thread_idx.x << ", "
+      << fiber.thread_idx.y << ", " << fiber.thread_idx.z << ")";
   return out.str();
 }
 
@@ -203,7 +204,8 @@ std::string describe_thread(const Block& block, const Fiber& fiber) {
 void switch_to_scheduler(Fiber* fiber, bool finishing = false) {
 #ifdef AF_ASAN_FIBERS
   __sanitizer_start_switch_fiber(finishing ? nullptr : &fiber->asan_fake_stack,
-                                 fiber->block->scheduler_stack_bottom, fiber->block->scheduler_stack_size);
+                                 fiber->block->scheduler_stack_bottom,
+                                 fiber->block->scheduler_stack_size);
 #else
   (void)finishing;
 #endif
@@ -248,12 +250,12 @@ void start_fiber(Fiber& fiber, char* stack_top, size_t stack_bytes) {
   asm volatile("stmxcsr %0" : "=m"(control[0]));
   asm volatile("fnstcw %0" : "=m"(control[1]));
   std::memcpy(&sp[0], control, 8);
-  sp[1] = 0;                                                  // r15
-  sp[2] = 0;                                                  // r14
-  sp[3] = 0;                                                  // r13
-  sp[4] = reinterpret_cast<uint64_t>(&fiber_main);            // r12: entry
-  sp[5] = reinterpret_cast<uint64_t>(&fiber);                 // rbx: argument
-  sp[6] = 0;                                                  // rbp
+  sp[1] = 0;                                                      // r15
+  sp[2] = 0;                                                      // r14
+  sp[3] = 0;                                                      // r13
+  sp[4] = reinterpret_cast<uint64_t>(&fiber_main);                // r12: entry
+  sp[5] = reinterpret_cast<uint64_t>(&fiber);                     // rbx: argument
+  sp[6] = 0;                                                      // rbp
   sp[7] = reinterpret_cast<uint64_t>(&adaptfuse_emu_trampoline);  // return address
   fiber.sp = sp;
 #else
@@ -271,7 +273,8 @@ void resume(Block& block, Fiber& fiber) {
   tl_fiber = &fiber;
 #ifdef AF_ASAN_FIBERS
   void* scheduler_fake_stack = nullptr;
-  __sanitizer_start_switch_fiber(&scheduler_fake_stack, fiber.stack_top - fiber.stack_bytes, fiber.stack_bytes);
+  __sanitizer_start_switch_fiber(&scheduler_fake_stack, fiber.stack_top - fiber.stack_bytes,
+                                 fiber.stack_bytes);
 #endif
 #if defined(__x86_64__)
   adaptfuse_emu_switch(&block.scheduler_sp, fiber.sp);
@@ -285,21 +288,24 @@ void resume(Block& block, Fiber& fiber) {
 
 std::string deadlock_report(const Block& block) {
   std::ostringstream out;
-  out << "deadlock in kernel " << block.kernel << ", block (" << block.block_idx.x << ", " << block.block_idx.y
-      << ", " << block.block_idx.z << "): no thread can proceed.";
+  out << "deadlock in kernel " << block.kernel << ", block (" << block.block_idx.x << ", "
+      << block.block_idx.y << ", " << block.block_idx.z << "): no thread can proceed.";
   if (block.barrier_arrived > 0) {
     std::vector<int> exited, elsewhere;
     for (const Fiber& f : block.fibers) {
-      if (f.wait == Wait::kDone) exited.push_back(f.linear);
-      else if (f.wait != Wait::kBarrier) elsewhere.push_back(f.linear);
+      if (f.wait == Wait::kDone)
+        exited.push_back(f.linear);
+      else if (f.wait != Wait::kBarrier)
+        elsewhere.push_back(f.linear);
     }
     out << " __syncthreads at " << block.barrier_file << ":" << block.barrier_line << " reached by "
         << block.barrier_arrived << " of " << block.fibers.size() << " threads";
-    if (!exited.empty()) out << "; " << exited.size() << " threads exited before it (first: " << exited[0] << ")";
+    if (!exited.empty())
+      out << "; " << exited.size() << " threads exited before it (first: " << exited[0] << ")";
     if (!elsewhere.empty()) {
       const Fiber& f = block.fibers[elsewhere[0]];
-      out << "; " << elsewhere.size() << " threads wait elsewhere (first: thread " << f.linear << " in "
-          << f.wait_what << " at " << f.wait_file << ":" << f.wait_line << ")";
+      out << "; " << elsewhere.size() << " threads wait elsewhere (first: thread " << f.linear
+          << " in " << f.wait_what << " at " << f.wait_file << ":" << f.wait_line << ")";
     }
     out << ".";
   }
@@ -307,8 +313,8 @@ std::string deadlock_report(const Block& block) {
     const Warp& warp = block.warps[w];
     if (warp.arrived == 0 || warp.draining) continue;
     const unsigned missing = warp.mask & ~warp.arrived;
-    out << " Warp " << w << ": " << warp.what << " at " << warp.file << ":" << warp.line << " with mask 0x" << std::hex
-        << warp.mask << " waits for lanes 0x" << missing << std::dec;
+    out << " Warp " << w << ": " << warp.what << " at " << warp.file << ":" << warp.line
+        << " with mask 0x" << std::hex << warp.mask << " waits for lanes 0x" << missing << std::dec;
     for (int lane = 0; lane < 32; ++lane) {
       if (!((missing >> lane) & 1u)) continue;
       const size_t index = w * 32 + lane;
@@ -318,7 +324,8 @@ std::string deadlock_report(const Block& block) {
         out << " (lane " << lane << " exited)";
       } else {
         const Fiber& f = block.fibers[index];
-        out << " (lane " << lane << " waits in " << f.wait_what << " at " << f.wait_file << ":" << f.wait_line << ")";
+        out << " (lane " << lane << " waits in " << f.wait_what << " at " << f.wait_file << ":"
+            << f.wait_line << ")";
       }
       break;
     }
@@ -405,7 +412,8 @@ int lane_id() { return tl_fiber->lane; }
 
 void fault(const std::string& what, const char* file, int line) {
   std::ostringstream out;
-  if (tl_fiber != nullptr && tl_block != nullptr) out << describe_thread(*tl_block, *tl_fiber) << ": ";
+  if (tl_fiber != nullptr && tl_block != nullptr)
+    out << describe_thread(*tl_block, *tl_fiber) << ": ";
   out << what << " (" << file << ":" << line << ")";
   if (tl_fiber == nullptr || tl_block == nullptr) throw Fault(out.str());
   tl_block->faulted = true;
@@ -443,21 +451,24 @@ void syncthreads(const char* file, int line) {
   fiber.wait = Wait::kNone;
 }
 
-const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file, int line) {
+const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file,
+                              int line) {
   const unsigned char* all = warp_exchange_bytes(mask, &value, sizeof(value), what, file, line);
   Fiber& fiber = *tl_fiber;
-  for (int lane = 0; lane < 32; ++lane) std::memcpy(&fiber.exchange_words[lane], all + lane * kExchangeBytes, 8);
+  for (int lane = 0; lane < 32; ++lane)
+    std::memcpy(&fiber.exchange_words[lane], all + lane * kExchangeBytes, 8);
   return fiber.exchange_words;
 }
 
-const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t bytes, const char* what,
-                                         const char* file, int line) {
+const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t bytes,
+                                         const char* what, const char* file, int line) {
   if (bytes > kExchangeBytes) fault("warp exchange of more than 64 bytes per lane", file, line);
   Block& block = *tl_block;
   Fiber& fiber = *tl_fiber;
   Warp& warp = block.warps[fiber.warp];
   const unsigned own = 1u << fiber.lane;
-  if (!(mask & own)) fault(std::string(what) + " called by a lane that its mask does not include", file, line);
+  if (!(mask & own))
+    fault(std::string(what) + " called by a lane that its mask does not include", file, line);
   fiber.wait = Wait::kWarp;
   fiber.wait_what = what;
   fiber.wait_file = file;
@@ -470,8 +481,9 @@ const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t
     warp.line = line;
   } else if (warp.mask != mask || std::strcmp(warp.what, what) != 0) {
     std::ostringstream out;
-    out << what << " with mask 0x" << std::hex << mask << " meets " << warp.what << " with mask 0x" << warp.mask
-        << std::dec << " at " << warp.file << ":" << warp.line << " from other lanes of the warp";
+    out << what << " with mask 0x" << std::hex << mask << " meets " << warp.what << " with mask 0x"
+        << warp.mask << std::dec << " at " << warp.file << ":" << warp.line
+        << " from other lanes of the warp";
     fault(out.str(), file, line);
   }
   std::memcpy(warp.values[fiber.lane], data, bytes);
@@ -511,14 +523,19 @@ void async_wait(int newest_groups_left_pending) {
   const int complete_below = fiber.committed_groups - newest_groups_left_pending;
   auto& pending = fiber.pending_copies;
   for (auto& copy : pending) {
-    if (copy.group >= 0 && copy.group < complete_below) std::memcpy(copy.destination, copy.source, copy.bytes);
+    if (copy.group >= 0 && copy.group < complete_below)
+      std::memcpy(copy.destination, copy.source, copy.bytes);
   }
   pending.erase(std::remove_if(pending.begin(), pending.end(),
-                               [&](const Fiber::PendingCopy& c) { return c.group >= 0 && c.group < complete_below; }),
+                               [&](const Fiber::PendingCopy& c) {
+                                 return c.group >= 0 && c.group < complete_below;
+                               }),
                 pending.end());
 }
 
-void syncwarp(unsigned mask, const char* file, int line) { warp_exchange(mask, 0, "__syncwarp", file, line); }
+void syncwarp(unsigned mask, const char* file, int line) {
+  warp_exchange(mask, 0, "__syncwarp", file, line);
+}
 
 unsigned ballot(unsigned mask, bool predicate, const char* file, int line) {
   const uint64_t* values = warp_exchange(mask, predicate ? 1 : 0, "__ballot_sync", file, line);
@@ -536,7 +553,8 @@ void* shared_storage(const void* site, size_t bytes, size_t alignment) {
   }
   const size_t offset = (block.shared_used + alignment - 1) / alignment * alignment;
   if (offset + bytes > kSharedCapacity) {
-    fault("static shared memory exceeds " + std::to_string(kSharedCapacity) + " bytes per block", "<shared>", 0);
+    fault("static shared memory exceeds " + std::to_string(kSharedCapacity) + " bytes per block",
+          "<shared>", 0);
   }
   auto* words = reinterpret_cast<uint32_t*>(block.shared + offset);
   std::fill(words, words + (bytes + 3) / 4, kPoisonWord);
@@ -547,10 +565,12 @@ void* shared_storage(const void* site, size_t bytes, size_t alignment) {
 
 void* dynamic_shared_storage() { return tl_block->dynamic_shared; }
 
-void check_alignment(const void* pointer, size_t alignment, const char* what, const char* file, int line) {
+void check_alignment(const void* pointer, size_t alignment, const char* what, const char* file,
+                     int line) {
   if (reinterpret_cast<uintptr_t>(pointer) % alignment != 0) {
     std::ostringstream out;
-    out << "misaligned " << what << ": address " << pointer << " is not a multiple of " << alignment;
+    out << "misaligned " << what << ": address " << pointer << " is not a multiple of "
+        << alignment;
     fault(out.str(), file, line);
   }
 }
@@ -582,12 +602,13 @@ void launch(const char* kernel, const char* file, int line, dim3 grid, dim3 bloc
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (threads == 0 || threads > 1024 || blocks == 0 || grid.y > 65535 || grid.z > 65535) {
     std::ostringstream out;
-    out << "invalid launch configuration of " << kernel << " at " << file << ":" << line << ": grid (" << grid.x
-        << ", " << grid.y << ", " << grid.z << "), block (" << block_dim.x << ", " << block_dim.y << ", "
-        << block_dim.z << ")";
+    out << "invalid launch configuration of " << kernel << " at " << file << ":" << line
+        << ": grid (" << grid.x << ", " << grid.y << ", " << grid.z << "), block (" << block_dim.x
+        << ", " << block_dim.y << ", " << block_dim.z << ")";
     throw Fault(out.str());
   }
-  if (dynamic_shared_bytes > kSharedCapacity) throw Fault(std::string("dynamic shared memory too large for ") + kernel);
+  if (dynamic_shared_bytes > kSharedCapacity)
+    throw Fault(std::string("dynamic shared memory too large for ") + kernel);
   const int os_threads = std::max(1, std::min<int>(options().os_threads, static_cast<int>(blocks)));
   std::mutex fault_mutex;
   std::string first_fault;
@@ -600,8 +621,10 @@ void launch(const char* kernel, const char* file, int line, dim3 grid, dim3 bloc
       block.block_dim = block_dim;
       block.grid_dim = grid;
       block.body = &body;
-      for (uint64_t b = static_cast<uint64_t>(worker); b < blocks && !failed.load(); b += os_threads) {
-        block.block_idx = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+      for (uint64_t b = static_cast<uint64_t>(worker); b < blocks && !failed.load();
+           b += os_threads) {
+        block.block_idx = {static_cast<unsigned>(b % grid.x),
+                           static_cast<unsigned>((b / grid.x) % grid.y),
                            static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
         run_block(block, b);
       }

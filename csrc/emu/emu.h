@@ -80,8 +80,8 @@ struct Fault : std::runtime_error {
 };
 
 struct Options {
-  unsigned seed = 0;        // 0: threads run in order; otherwise a seeded shuffle per round
-  int os_threads = 1;       // blocks spread over this many OS threads
+  unsigned seed = 0;   // 0: threads run in order; otherwise a seeded shuffle per round
+  int os_threads = 1;  // blocks spread over this many OS threads
   size_t stack_bytes = 64 * 1024;
 };
 Options& options();  // process-wide; set before launching
@@ -101,10 +101,11 @@ void syncwarp(unsigned mask, const char* file, int line);
 // A warp collective: every lane named in `mask` deposits `bytes` (at most kExchangeBytes) and
 // waits for the others; returns the 32 lanes' deposits, lane l's at l * kExchangeBytes.
 constexpr size_t kExchangeBytes = 64;
-const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t bytes, const char* what,
-                                         const char* file, int line);
+const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t bytes,
+                                         const char* what, const char* file, int line);
 // The same for one 8-byte value per lane: returns the 32 values.
-const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file, int line);
+const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what, const char* file,
+                              int line);
 
 // Asynchronous copies (cp.async): queued per thread, performed only when a wait covers their
 // group, so a kernel that forgets the wait reads stale (poisoned) shared memory.
@@ -120,7 +121,8 @@ int lane_id();
 void* shared_storage(const void* site, size_t bytes, size_t alignment);
 void* dynamic_shared_storage();
 
-void check_alignment(const void* pointer, size_t alignment, const char* what, const char* file, int line);
+void check_alignment(const void* pointer, size_t alignment, const char* what, const char* file,
+                     int line);
 
 using KernelBody = std::function<void()>;
 void launch(const char* kernel, const char* file, int line, dim3 grid, dim3 block,
@@ -128,7 +130,8 @@ void launch(const char* kernel, const char* file, int line, dim3 grid, dim3 bloc
 
 template <class T>
 T bits_to(uint64_t bits) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp collectives move up to 8 bytes");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value,
+                "warp collectives move up to 8 bytes");
   T value;
   __builtin_memcpy(&value, &bits, sizeof(T));
   return value;
@@ -136,7 +139,8 @@ T bits_to(uint64_t bits) {
 
 template <class T>
 uint64_t to_bits(T value) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp collectives move up to 8 bytes");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value,
+                "warp collectives move up to 8 bytes");
   uint64_t bits = 0;
   __builtin_memcpy(&bits, &value, sizeof(T));
   return bits;
@@ -144,45 +148,59 @@ uint64_t to_bits(T value) {
 
 // The shuffles, with CUDA's argument order after the call site; width defaults to 32.
 template <class T>
-T shfl_sync_at(const char* file, int line, unsigned mask, T value, int source_lane, int width = 32) {
+T shfl_sync_at(const char* file, int line, unsigned mask, T value, int source_lane,
+               int width = 32) {
   const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_sync", file, line);
   const int lane = lane_id();
   const int source = lane - lane % width + ((source_lane % width) + width) % width;
-  if (!((mask >> source) & 1u)) fault("__shfl_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  if (!((mask >> source) & 1u))
+    fault("__shfl_sync reads lane " + std::to_string(source) + ", which is not in the mask", file,
+          line);
   return bits_to<T>(values[source]);
 }
 
 template <class T>
-T shfl_xor_sync_at(const char* file, int line, unsigned mask, T value, int lane_mask, int width = 32) {
+T shfl_xor_sync_at(const char* file, int line, unsigned mask, T value, int lane_mask,
+                   int width = 32) {
   const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_xor_sync", file, line);
   const int lane = lane_id();
   int source = lane ^ lane_mask;
   if (source / width != lane / width) source = lane;  // outside the segment: own value
-  if (!((mask >> source) & 1u)) fault("__shfl_xor_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  if (!((mask >> source) & 1u))
+    fault("__shfl_xor_sync reads lane " + std::to_string(source) + ", which is not in the mask",
+          file, line);
   return bits_to<T>(values[source]);
 }
 
 template <class T>
-T shfl_up_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta, int width = 32) {
+T shfl_up_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta,
+                  int width = 32) {
   const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_up_sync", file, line);
   const int lane = lane_id();
   const int source = lane - static_cast<int>(delta);
   if (source < lane - lane % width) return value;
-  if (!((mask >> source) & 1u)) fault("__shfl_up_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  if (!((mask >> source) & 1u))
+    fault("__shfl_up_sync reads lane " + std::to_string(source) + ", which is not in the mask",
+          file, line);
   return bits_to<T>(values[source]);
 }
 
 template <class T>
-T shfl_down_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta, int width = 32) {
+T shfl_down_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta,
+                    int width = 32) {
   const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_down_sync", file, line);
   const int lane = lane_id();
   const int source = lane + static_cast<int>(delta);
   if (source >= lane - lane % width + width) return value;
-  if (!((mask >> source) & 1u)) fault("__shfl_down_sync reads lane " + std::to_string(source) + ", which is not in the mask", file, line);
+  if (!((mask >> source) & 1u))
+    fault("__shfl_down_sync reads lane " + std::to_string(source) + ", which is not in the mask",
+          file, line);
   return bits_to<T>(values[source]);
 }
 
-inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu) { syncwarp(mask, file, line); }
+inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu) {
+  syncwarp(mask, file, line);
+}
 
 unsigned ballot(unsigned mask, bool predicate, const char* file, int line);
 
@@ -207,7 +225,8 @@ float atomic_add(float* address, float value);
 #define __shfl_up_sync(...) ::adaptfuse_emu::shfl_up_sync_at(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_down_sync(...) ::adaptfuse_emu::shfl_down_sync_at(__FILE__, __LINE__, __VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__)
-#define __any_sync(mask, predicate) (::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__) != 0u)
+#define __any_sync(mask, predicate) \
+  (::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__) != 0u)
 #define __all_sync(mask, predicate) \
   (::adaptfuse_emu::ballot(mask, predicate, __FILE__, __LINE__) == (mask))
 #define atomicAdd(address, value) ::adaptfuse_emu::atomic_add(address, value)
@@ -223,7 +242,8 @@ inline __half __hfma(__half a, __half b, __half c) {
   return __double2half(static_cast<double>(__half2float(a)) * __half2float(b) + __half2float(c));
 }
 inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
-  return __double2bfloat16(static_cast<double>(__bfloat162float(a)) * __bfloat162float(b) + __bfloat162float(c));
+  return __double2bfloat16(static_cast<double>(__bfloat162float(a)) * __bfloat162float(b) +
+                           __bfloat162float(c));
 }
 inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
   return __halves2half2(__hfma(__low2half(a), __low2half(b), __low2half(c)),

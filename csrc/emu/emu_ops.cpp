@@ -13,7 +13,8 @@ namespace {
 struct EmuBackend {
   struct Guard {
     explicit Guard(const at::Tensor& on) {
-      TORCH_CHECK_VALUE(on.is_cpu(), "adaptfuse_emu: the emulated kernels take CPU tensors, got ", on.device());
+      TORCH_CHECK_VALUE(on.is_cpu(), "adaptfuse_emu: the emulated kernels take CPU tensors, got ",
+                        on.device());
     }
   };
   static cudaStream_t stream(const at::Tensor&) { return nullptr; }

@@ -39,26 +39,28 @@
 // emulator gives each block its own poisoned storage.
 #if defined(ADAPTFUSE_EMU)
 #define AF_LAUNCH(...) ::adaptfuse::launch_kernel(__FILE__, __LINE__, __VA_ARGS__)
-#define AF_SHARED(type, name)                                                        \
-  static const char af_shared_site_##name = 0;                                       \
-  type& name = *static_cast<type*>(                                                  \
+#define AF_SHARED(type, name)                  \
+  static const char af_shared_site_##name = 0; \
+  type& name = *static_cast<type*>(            \
       ::adaptfuse_emu::shared_storage(&af_shared_site_##name, sizeof(type), alignof(type)))
-#define AF_SHARED_ALIGNED(type, name, alignment)                                     \
-  static const char af_shared_site_##name = 0;                                       \
-  type& name = *static_cast<type*>(                                                  \
+#define AF_SHARED_ALIGNED(type, name, alignment) \
+  static const char af_shared_site_##name = 0;   \
+  type& name = *static_cast<type*>(              \
       ::adaptfuse_emu::shared_storage(&af_shared_site_##name, sizeof(type), alignment))
-#define AF_SHARED_ARRAY(type, name, count)                                           \
-  static const char af_shared_site_##name = 0;                                       \
-  type(&name)[count] = *static_cast<type(*)[count]>(::adaptfuse_emu::shared_storage( \
-      &af_shared_site_##name, sizeof(type[count]), alignof(type)))
+#define AF_SHARED_ARRAY(type, name, count)           \
+  static const char af_shared_site_##name = 0;       \
+  type(&name)[count] = *static_cast<type(*)[count]>( \
+      ::adaptfuse_emu::shared_storage(&af_shared_site_##name, sizeof(type[count]), alignof(type)))
 #define AF_DYNAMIC_SHARED(type, name) \
   type* name = static_cast<type*>(::adaptfuse_emu::dynamic_shared_storage())
 #elif defined(__CUDACC__)
 #define AF_LAUNCH(...) ::adaptfuse::launch_kernel(__FILE__, __LINE__, __VA_ARGS__)
 #define AF_SHARED(type, name) __shared__ type name
-#define AF_SHARED_ALIGNED(type, name, alignment) __shared__ __align__(alignment) type name
+#define AF_SHARED_ALIGNED(type, name, alignment) \
+  __shared__ __align__(alignment)                \
+  type name
 #define AF_SHARED_ARRAY(type, name, count) __shared__ type name[count]
-#define AF_DYNAMIC_SHARED(type, name)                         \
+#define AF_DYNAMIC_SHARED(type, name)                                \
   extern __shared__ __align__(16) unsigned char af_dynamic_shared[]; \
   type* name = reinterpret_cast<type*>(af_dynamic_shared)
 #endif
@@ -112,7 +114,10 @@ template <class... Params, class... Args>
 cudaError_t launch_kernel(const char*, int, const char*, void (*kernel)(Params...), dim3 grid,
                           dim3 block, size_t dynamic_shared_bytes, cudaStream_t stream,
                           Args... args) {
+  // clang-format does not know CUDA's launch syntax in .cuh files.
+  // clang-format off
   kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...);
+  // clang-format on
   return cudaGetLastError();
 }
 #endif
@@ -122,7 +127,7 @@ constexpr unsigned kFullWarpMask = 0xffffffffu;
 // Sum over the 32 lanes of a warp; every lane gets the total. The butterfly order is
 // fixed, so the result is deterministic.
 AF_DEVICE float warp_sum(float value) {
-AF_UNROLL
+  AF_UNROLL
   for (int lane_offset = 16; lane_offset > 0; lane_offset >>= 1) {
     value += __shfl_xor_sync(kFullWarpMask, value, lane_offset);
   }
@@ -130,7 +135,7 @@ AF_UNROLL
 }
 
 AF_DEVICE int warp_sum(int value) {
-AF_UNROLL
+  AF_UNROLL
   for (int lane_offset = 16; lane_offset > 0; lane_offset >>= 1) {
     value += __shfl_xor_sync(kFullWarpMask, value, lane_offset);
   }
@@ -157,7 +162,9 @@ AF_DEVICE void store_global_16(void* address, uint4 value, const char* file = __
 #else
 AF_DEVICE uint4 load_global_16(const void* address) { return *static_cast<const uint4*>(address); }
 
-AF_DEVICE void store_global_16(void* address, uint4 value) { *static_cast<uint4*>(address) = value; }
+AF_DEVICE void store_global_16(void* address, uint4 value) {
+  *static_cast<uint4*>(address) = value;
+}
 #endif
 
 AF_DEVICE int popcount(unsigned bits) { return __popc(bits); }
@@ -176,7 +183,8 @@ template <class Format>
 AF_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                             const float (&c)[4]
 #if defined(ADAPTFUSE_EMU)
-                            , const char* file = __builtin_FILE(), int line = __builtin_LINE()
+                            ,
+                            const char* file = __builtin_FILE(), int line = __builtin_LINE()
 #endif
 ) {
 #if defined(ADAPTFUSE_EMU)
@@ -186,8 +194,8 @@ AF_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
     uint32_t a[4], b[2];
     float c[4];
   } mine = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
-  const unsigned char* all = ::adaptfuse_emu::warp_exchange_bytes(kFullWarpMask, &mine, sizeof(mine),
-                                                                  "mma.sync", file, line);
+  const unsigned char* all = ::adaptfuse_emu::warp_exchange_bytes(
+      kFullWarpMask, &mine, sizeof(mine), "mma.sync", file, line);
   float A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     Fragments f;
@@ -238,13 +246,16 @@ AF_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 template <int kMatrices, bool kTranspose>
 AF_DEVICE void ldmatrix(uint32_t (&r)[kMatrices], const void* row_address
 #if defined(ADAPTFUSE_EMU)
-                        , const char* file = __builtin_FILE(), int line = __builtin_LINE()
+                        ,
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()
 #endif
 ) {
-  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4,
+                "ldmatrix loads 1, 2 or 4 matrices");
 #if defined(ADAPTFUSE_EMU)
   const int lane = ::adaptfuse_emu::lane_id();
-  if (lane < 8 * kMatrices) ::adaptfuse_emu::check_alignment(row_address, 16, "ldmatrix row address", file, line);
+  if (lane < 8 * kMatrices)
+    ::adaptfuse_emu::check_alignment(row_address, 16, "ldmatrix row address", file, line);
   const uint64_t* rows = ::adaptfuse_emu::warp_exchange(
       kFullWarpMask, reinterpret_cast<uintptr_t>(row_address), "ldmatrix", file, line);
   for (int m = 0; m < kMatrices; ++m) {
@@ -262,25 +273,33 @@ AF_DEVICE void ldmatrix(uint32_t (&r)[kMatrices], const void* row_address
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
   if constexpr (kMatrices == 1) {
     if constexpr (kTranspose) {
-      asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(address));
+      asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                   : "=r"(r[0])
+                   : "r"(address));
     } else {
-      asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(address));
+      asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
+                   : "=r"(r[0])
+                   : "r"(address));
     }
   } else if constexpr (kMatrices == 2) {
     if constexpr (kTranspose) {
       asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                   : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+                   : "=r"(r[0]), "=r"(r[1])
+                   : "r"(address));
     } else {
       asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                   : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+                   : "=r"(r[0]), "=r"(r[1])
+                   : "r"(address));
     }
   } else {
     if constexpr (kTranspose) {
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(address));
     } else {
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(address));
     }
   }
 #elif defined(__CUDA_ARCH__)
@@ -292,11 +311,13 @@ AF_DEVICE void ldmatrix(uint32_t (&r)[kMatrices], const void* row_address
 // in shared memory only after cp_async_wait<N>() leaves at most the N newest groups pending.
 AF_DEVICE void cp_async_16(void* shared_destination, const void* global_source
 #if defined(ADAPTFUSE_EMU)
-                           , const char* file = __builtin_FILE(), int line = __builtin_LINE()
+                           ,
+                           const char* file = __builtin_FILE(), int line = __builtin_LINE()
 #endif
 ) {
 #if defined(ADAPTFUSE_EMU)
-  ::adaptfuse_emu::check_alignment(shared_destination, 16, "cp.async shared destination", file, line);
+  ::adaptfuse_emu::check_alignment(shared_destination, 16, "cp.async shared destination", file,
+                                   line);
   ::adaptfuse_emu::check_alignment(global_source, 16, "cp.async global source", file, line);
   ::adaptfuse_emu::async_copy(shared_destination, global_source, 16);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

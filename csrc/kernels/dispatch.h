@@ -8,23 +8,23 @@
 
 #include "kernels/float_formats.cuh"
 
-#define AF_FORMAT_SWITCH(dtype, FORMAT, ...)          \
-  do {                                                \
-    switch (dtype) {                                  \
-      case ::adaptfuse::DType::kFloat32: {            \
-        using FORMAT = ::adaptfuse::Float32Format;    \
-        __VA_ARGS__;                                  \
-        break;                                        \
-      }                                               \
-      case ::adaptfuse::DType::kFloat16: {            \
-        using FORMAT = ::adaptfuse::Float16Format;    \
-        __VA_ARGS__;                                  \
-        break;                                        \
-      }                                               \
-      case ::adaptfuse::DType::kBFloat16: {           \
-        using FORMAT = ::adaptfuse::BFloat16Format;   \
-        __VA_ARGS__;                                  \
-        break;                                        \
-      }                                               \
-    }                                                 \
+#define AF_FORMAT_SWITCH(dtype, FORMAT, ...)        \
+  do {                                              \
+    switch (dtype) {                                \
+      case ::adaptfuse::DType::kFloat32: {          \
+        using FORMAT = ::adaptfuse::Float32Format;  \
+        __VA_ARGS__;                                \
+        break;                                      \
+      }                                             \
+      case ::adaptfuse::DType::kFloat16: {          \
+        using FORMAT = ::adaptfuse::Float16Format;  \
+        __VA_ARGS__;                                \
+        break;                                      \
+      }                                             \
+      case ::adaptfuse::DType::kBFloat16: {         \
+        using FORMAT = ::adaptfuse::BFloat16Format; \
+        __VA_ARGS__;                                \
+        break;                                      \
+      }                                             \
+    }                                               \
   } while (0)

@@ -47,8 +47,8 @@ AF_HOST_DEVICE typename Format::Bits round_two_sum(float sum, float error) {
   // The neighbour of `rounded` on the side of `sum` (same sign: rounding keeps the sign).
   const bool sum_has_larger_magnitude =
       (sum > 0.0f) ? (sum > rounded_value) : (sum < rounded_value);
-  Bits neighbour = sum_has_larger_magnitude ? static_cast<Bits>(rounded + 1)
-                                            : static_cast<Bits>(rounded - 1);
+  Bits neighbour =
+      sum_has_larger_magnitude ? static_cast<Bits>(rounded + 1) : static_cast<Bits>(rounded - 1);
   float neighbour_value = Format::to_float(neighbour);
   float midpoint;
   if (rounded_is_inf) {
@@ -109,7 +109,8 @@ struct Float16Format {
     const uint32_t sign = (bits >> 16) & 0x8000u;
     const uint32_t magnitude = bits & 0x7fffffffu;
     if (magnitude >= 0x7f800000u) {
-      const uint32_t nan_payload = magnitude > 0x7f800000u ? (0x200u | ((magnitude >> 13) & 0x3ffu)) : 0u;
+      const uint32_t nan_payload =
+          magnitude > 0x7f800000u ? (0x200u | ((magnitude >> 13) & 0x3ffu)) : 0u;
       return static_cast<Bits>(sign | 0x7c00u | nan_payload);
     }
     if (magnitude >= 0x477ff000u) return static_cast<Bits>(sign | 0x7c00u);  // >= 65520

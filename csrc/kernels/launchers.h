@@ -29,8 +29,8 @@ cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream);
 cudaError_t launch_merge_count(const MergeArgs& args, int32_t* tile_stats, cudaStream_t stream);
 // Pass 2: writes the merged W and the record; entry_starts/escape_starts: int64 [num_tiles].
 cudaError_t launch_merge_apply(const MergeArgs& args, const int64_t* entry_starts,
-                               const int64_t* escape_starts, int16_t* offsets,
-                               int8_t* corrections, int32_t* escape_bits, cudaStream_t stream);
+                               const int64_t* escape_starts, int16_t* offsets, int8_t* corrections,
+                               int32_t* escape_bits, cudaStream_t stream);
 // Subtracts the same delta and restores the recorded elements.
 cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts,
                            const int64_t* entry_starts, const int64_t* escape_starts,

@@ -33,8 +33,8 @@ __global__ void shrink_kernel(ShrinkArgs args) {
       if (lane == 0) v[k] = 0.0f;
       continue;
     }
-    const auto* a = static_cast<const typename AFormat::Bits*>(args.a) +
-                    slot * args.a_slot_stride + k * args.a_rank_stride;
+    const auto* a = static_cast<const typename AFormat::Bits*>(args.a) + slot * args.a_slot_stride +
+                    k * args.a_rank_stride;
     float partial = 0.0f;
     for (int64_t i = lane; i < args.h_in; i += 32) {
       partial += XFormat::to_float(x[i]) * AFormat::to_float(a[i]);
@@ -56,10 +56,12 @@ __global__ void expand_kernel(ExpandArgs args) {
   int64_t rank = args.ranks[slot];
   rank = rank < slice.max_rank ? rank : slice.max_rank;
   const float* v = args.v + t * args.v_row_stride + slice.v_column;
-  const auto* b = static_cast<const typename BFormat::Bits*>(slice.b) + slot * slice.slot_stride + o;
+  const auto* b =
+      static_cast<const typename BFormat::Bits*>(slice.b) + slot * slice.slot_stride + o;
   float sum = 0.0f;
   for (int64_t k = 0; k < rank; ++k) sum += v[k] * BFormat::to_float(b[k * slice.rank_stride]);
-  auto* y = static_cast<typename YFormat::Bits*>(args.y) + t * args.y_row_stride + slice.out_offset + o;
+  auto* y =
+      static_cast<typename YFormat::Bits*>(args.y) + t * args.y_row_stride + slice.out_offset + o;
   *y = YFormat::sum_rounded_once(YFormat::to_float(*y), sum);
 }
 
@@ -69,9 +71,10 @@ cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.max_rank == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.x_dtype, XFormat, AF_FORMAT_SWITCH(args.a_dtype, AFormat, {
-    status = AF_LAUNCH("shrink_kernel", shrink_kernel<XFormat, AFormat>,
-                       dim3(static_cast<unsigned>(args.num_tokens)), dim3(kShrinkThreads), 0, stream, args);
-  }));
+                     status = AF_LAUNCH("shrink_kernel", shrink_kernel<XFormat, AFormat>,
+                                        dim3(static_cast<unsigned>(args.num_tokens)),
+                                        dim3(kShrinkThreads), 0, stream, args);
+                   }));
   return status;
 }
 
@@ -87,9 +90,9 @@ cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream) {
                   static_cast<unsigned>(args.num_slices));
   cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.y_dtype, YFormat, AF_FORMAT_SWITCH(args.b_dtype, BFormat, {
-    status = AF_LAUNCH("expand_kernel", expand_kernel<YFormat, BFormat>, grid, dim3(kExpandThreads), 0,
-                       stream, args);
-  }));
+                     status = AF_LAUNCH("expand_kernel", expand_kernel<YFormat, BFormat>, grid,
+                                        dim3(kExpandThreads), 0, stream, args);
+                   }));
   return status;
 }
 

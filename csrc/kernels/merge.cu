@@ -31,7 +31,8 @@ template <class WFormat>
 __device__ __forceinline__ typename WFormat::Bits* element(const MergeArgs& args, int64_t flat) {
   const int64_t o = flat / args.h_in;
   const int64_t i = flat - o * args.h_in;
-  return static_cast<typename WFormat::Bits*>(args.w) + o * args.w_stride_out + i * args.w_stride_in;
+  return static_cast<typename WFormat::Bits*>(args.w) + o * args.w_stride_out +
+         i * args.w_stride_in;
 }
 
 template <class AdapterFormat>
@@ -104,7 +105,8 @@ __global__ void merge_apply_kernel(MergeArgs args, const int64_t* entry_starts,
   const ThreadRun run = thread_run(args);
   const ElementCounts counts = count_run<WFormat, AdapterFormat>(args, run);
   int64_t entry = entry_starts[blockIdx.x] + block_exclusive_scan(counts.entries, scratch, &total);
-  int64_t escape = escape_starts[blockIdx.x] + block_exclusive_scan(counts.escapes, scratch, &total);
+  int64_t escape =
+      escape_starts[blockIdx.x] + block_exclusive_scan(counts.escapes, scratch, &total);
   const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kMergeTileElements;
   for (int64_t flat = run.begin; flat < run.end; ++flat) {
     const float delta = delta_at<AdapterFormat>(args, flat);
@@ -154,7 +156,8 @@ __global__ void unmerge_kernel(MergeArgs args, const int32_t* tile_counts,
 }
 
 unsigned num_tiles(const MergeArgs& args) {
-  return static_cast<unsigned>((args.h_out * args.h_in + kMergeTileElements - 1) / kMergeTileElements);
+  return static_cast<unsigned>((args.h_out * args.h_in + kMergeTileElements - 1) /
+                               kMergeTileElements);
 }
 
 }  // namespace
@@ -163,22 +166,24 @@ cudaError_t launch_merge_count(const MergeArgs& args, int32_t* tile_stats, cudaS
   if (num_tiles(args) == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    status = AF_LAUNCH("merge_count_kernel", merge_count_kernel<WFormat, AdapterFormat>, dim3(num_tiles(args)),
-                       dim3(kMergeThreads), 0, stream, args, tile_stats);
-  }));
+                     status = AF_LAUNCH(
+                         "merge_count_kernel", merge_count_kernel<WFormat, AdapterFormat>,
+                         dim3(num_tiles(args)), dim3(kMergeThreads), 0, stream, args, tile_stats);
+                   }));
   return status;
 }
 
 cudaError_t launch_merge_apply(const MergeArgs& args, const int64_t* entry_starts,
-                               const int64_t* escape_starts, int16_t* offsets,
-                               int8_t* corrections, int32_t* escape_bits, cudaStream_t stream) {
+                               const int64_t* escape_starts, int16_t* offsets, int8_t* corrections,
+                               int32_t* escape_bits, cudaStream_t stream) {
   if (num_tiles(args) == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    status = AF_LAUNCH("merge_apply_kernel", merge_apply_kernel<WFormat, AdapterFormat>, dim3(num_tiles(args)),
-                       dim3(kMergeThreads), 0, stream, args, entry_starts, escape_starts, offsets, corrections,
-                       escape_bits);
-  }));
+                     status =
+                         AF_LAUNCH("merge_apply_kernel", merge_apply_kernel<WFormat, AdapterFormat>,
+                                   dim3(num_tiles(args)), dim3(kMergeThreads), 0, stream, args,
+                                   entry_starts, escape_starts, offsets, corrections, escape_bits);
+                   }));
   return status;
 }
 
@@ -189,10 +194,11 @@ cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts,
   if (num_tiles(args) == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
-    status = AF_LAUNCH("unmerge_kernel", unmerge_kernel<WFormat, AdapterFormat>, dim3(num_tiles(args)),
-                       dim3(kMergeThreads), 0, stream, args, tile_counts, entry_starts, escape_starts, offsets,
-                       corrections, escape_bits);
-  }));
+                     status = AF_LAUNCH("unmerge_kernel", unmerge_kernel<WFormat, AdapterFormat>,
+                                        dim3(num_tiles(args)), dim3(kMergeThreads), 0, stream, args,
+                                        tile_counts, entry_starts, escape_starts, offsets,
+                                        corrections, escape_bits);
+                   }));
   return status;
 }
 

@@ -55,7 +55,8 @@ AF_HOST_DEVICE float merge_delta(const MergeArgs& args, int64_t out_index, int64
     for (int64_t k = 0; k < t.rank; ++k) {
       const float scaled_b =
           mul_rn(t.coefficient, load_as_float<AdapterFormat>(t.b, k * t.b_row_stride + out_index));
-      delta = add_rn(delta, mul_rn(scaled_b, load_as_float<AdapterFormat>(t.a, k * t.a_row_stride + in_index)));
+      delta = add_rn(delta, mul_rn(scaled_b, load_as_float<AdapterFormat>(
+                                                 t.a, k * t.a_row_stride + in_index)));
     }
   }
   return delta;

@@ -41,9 +41,8 @@ __global__ void scan_slot_counts(int64_t num_slots, int32_t* slot_offsets) {
   }
 }
 
-__global__ void write_token_order(const int32_t* token_slots, int64_t num_tokens,
-                                  int64_t num_slots, const int32_t* slot_offsets,
-                                  int32_t* token_order) {
+__global__ void write_token_order(const int32_t* token_slots, int64_t num_tokens, int64_t num_slots,
+                                  const int32_t* slot_offsets, int32_t* token_order) {
   AF_SHARED_ARRAY(int, warp_counts, kPlanWarps);
   AF_SHARED_ARRAY(int, warp_starts, kPlanWarps);
   AF_SHARED(int, chunk_total);
@@ -80,16 +79,17 @@ __global__ void write_token_order(const int32_t* token_slots, int64_t num_tokens
 cudaError_t launch_plan(const PlanArgs& args, cudaStream_t stream) {
   cudaError_t status = cudaSuccess;
   if (args.num_slots > 0) {
-    status = AF_LAUNCH("count_tokens_per_slot", count_tokens_per_slot, dim3(static_cast<unsigned>(args.num_slots)),
-                       dim3(kPlanThreads), 0, stream, args.token_slots, args.num_tokens, args.num_slots,
-                       args.slot_offsets);
+    status = AF_LAUNCH("count_tokens_per_slot", count_tokens_per_slot,
+                       dim3(static_cast<unsigned>(args.num_slots)), dim3(kPlanThreads), 0, stream,
+                       args.token_slots, args.num_tokens, args.num_slots, args.slot_offsets);
     if (status != cudaSuccess) return status;
   }
-  status = AF_LAUNCH("scan_slot_counts", scan_slot_counts, dim3(1), dim3(1), 0, stream, args.num_slots,
-                     args.slot_offsets);
+  status = AF_LAUNCH("scan_slot_counts", scan_slot_counts, dim3(1), dim3(1), 0, stream,
+                     args.num_slots, args.slot_offsets);
   if (status != cudaSuccess || args.num_tokens == 0) return status;
-  return AF_LAUNCH("write_token_order", write_token_order, dim3(static_cast<unsigned>(args.num_slots + 1)),
-                   dim3(kPlanThreads), 0, stream, args.token_slots, args.num_tokens, args.num_slots,
+  return AF_LAUNCH("write_token_order", write_token_order,
+                   dim3(static_cast<unsigned>(args.num_slots + 1)), dim3(kPlanThreads), 0, stream,
+                   args.token_slots, args.num_tokens, args.num_slots,
                    static_cast<const int32_t*>(args.slot_offsets), args.token_order);
 }
 
