@@ -6,11 +6,11 @@ implementations; it works on machines without a GPU whether or not CUDA was buil
 
 import torch
 
-from adaptfuse import (
-    _C,
-    ops,
-)
+from adaptfuse import _C, ops  # _C registers torch.ops.adaptfuse.*
+from adaptfuse.adapters import AdapterError
+from adaptfuse.manager import AdapterManager
 from adaptfuse.ops import MergeRecord
+from adaptfuse.patch import manager_of, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -25,4 +25,15 @@ def cuda_available() -> bool:
     return cuda_built() and torch.cuda.is_available()
 
 
-__all__ = ["MergeRecord", "__version__", "cuda_available", "cuda_built", "ops"]
+__all__ = [
+    "AdapterError",
+    "AdapterManager",
+    "MergeRecord",
+    "__version__",
+    "cuda_available",
+    "cuda_built",
+    "manager_of",
+    "ops",
+    "patch",
+    "unpatch",
+]

@@ -1,0 +1,114 @@
+"""Adapter layers: y = base(x) + expand(shrink(x)) for every token whose request names an
+adapter, with the slot banks of DESIGN.md's storage layout."""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Optional
+
+import torch
+from torch import nn
+
+from adaptfuse import ops
+
+# The plan of the forward in progress (set by the patched model's forward, read by every
+# layer). A context variable: concurrent forwards in other threads see their own.
+current_plan: contextvars.ContextVar[Optional[ops.Plan]] = contextvars.ContextVar(
+    "adaptfuse_current_plan", default=None
+)
+
+
+def conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def layer_features(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(H_in, H_out) of a layer type adaptfuse adapts, or None. A dispatcher over layer
+    types (first match wins), never a function per architecture: nn.Linear, then GPT-2's
+    Conv1D (weight stored [H_in, H_out], PEFT's fan_in_fan_out)."""
+    if type(module) is nn.Linear:  # subclasses (quantized linears...) are not plain matmuls
+        return module.in_features, module.out_features
+    conv1d = conv1d_class()
+    if conv1d is not None and type(module) is conv1d:
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+class LoraLayer(nn.Module):
+    """Wraps a base layer; holds the layer's slot banks (non-persistent buffers, allocated once
+    at patch time): lora_A [S, R_max, H_in], lora_B [S, R_max, H_out] in the base dtype,
+    lora_ranks [S] int32 (0: the slot's adapter does not adapt this layer), lora_scales [S]."""
+
+    def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int):
+        super().__init__()
+        features = layer_features(base_layer)
+        assert features is not None
+        self.base_layer = base_layer
+        self.in_features, self.out_features = features
+        weight = base_layer.weight
+        kwargs = dict(device=weight.device, dtype=weight.dtype)
+        self.register_buffer(
+            "lora_A", torch.zeros(num_slots, max_rank, self.in_features, **kwargs), persistent=False
+        )
+        self.register_buffer(
+            "lora_B",
+            torch.zeros(num_slots, max_rank, self.out_features, **kwargs),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_ranks",
+            torch.zeros(num_slots, dtype=torch.int32, device=weight.device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_scales",
+            torch.zeros(num_slots, dtype=torch.float32, device=weight.device),
+            persistent=False,
+        )
+
+    @staticmethod
+    def bank_bytes(module: nn.Module, num_slots: int, max_rank: int) -> int:
+        h_in, h_out = layer_features(module)
+        element = module.weight.element_size()
+        return num_slots * (max_rank * (h_in + h_out) * element + 8)
+
+    def write_slot(
+        self, slot: int, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float
+    ) -> None:
+        """Fills one slot (A [r, H_in], B [r, H_out]); None clears it (rank 0). Rows beyond
+        the rank are never read, so they are left as they are."""
+        if A is None:
+            self.lora_ranks[slot] = 0
+            self.lora_scales[slot] = 0.0
+            return
+        rank = A.shape[0]
+        self.lora_A[slot, :rank].copy_(A, non_blocking=True)
+        self.lora_B[slot, :rank].copy_(B, non_blocking=True)
+        self.lora_scales[slot] = scale
+        self.lora_ranks[slot] = rank
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        plan = current_plan.get()
+        if plan is None:
+            return y
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(
+                "adaptfuse: a forward with gradients through served adapters is not supported; "
+                "run it under torch.no_grad() or torch.inference_mode()"
+            )
+        tokens = x.reshape(-1, self.in_features)
+        if tokens.shape[0] != plan.token_slots.shape[0]:
+            raise RuntimeError(
+                f"adaptfuse: layer input has {tokens.shape[0]} tokens but the batch plan has "
+                f"{plan.token_slots.shape[0]} "
+                "(adapter_names apply to inputs shaped [batch, sequence])"
+            )
+        v = ops.shrink(tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan)
+        out = y.view(-1, self.out_features)
+        ops.expand_(out, v, [self.lora_B], [0], self.lora_ranks, plan)
+        return y

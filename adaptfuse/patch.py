@@ -1,0 +1,138 @@
+"""adaptfuse.patch(model) / adaptfuse.unpatch(model): swap LoRA layers in place and route
+adapter_names through forward."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from adaptfuse.layers import LoraLayer, current_plan, layer_features
+from adaptfuse.manager import AdapterManager
+
+_STATE = "_adaptfuse_state"
+
+
+def _targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]]) -> list[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [
+        n for n, m in model.named_modules() if n and m is not head and layer_features(m) is not None
+    ]
+    if target_modules is None or target_modules == "all-linear":
+        return names
+    if isinstance(target_modules, str):
+        return [n for n in names if re.fullmatch(target_modules, n)]
+    wanted = list(target_modules)
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 62
+
+
+def patch(
+    model: nn.Module,
+    max_loras: int = 32,
+    max_rank: int = 64,
+    target_modules: Union[None, str, Sequence[str]] = None,
+    batch_invariant: bool = False,
+) -> AdapterManager:
+    """Swaps the adapted layers of `model` in place and returns its AdapterManager.
+
+    target_modules: None or "all-linear" (every nn.Linear / GPT-2 Conv1D except the output
+    head), a list of names (matched as module-path suffixes) or a regex (full match).
+    """
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError("this model is already patched; call adaptfuse.unpatch(model) first")
+    if max_loras < 1 or max_rank < 1:
+        raise ValueError(f"max_loras and max_rank must be positive, got {max_loras} and {max_rank}")
+    if batch_invariant:
+        raise NotImplementedError(
+            "batch_invariant=True comes with the SGMV dispatcher; not available yet"
+        )
+    names = _targets(model, target_modules)
+    if not names:
+        raise ValueError(f"no layer of the model matches target_modules={target_modules!r}")
+    modules = {n: model.get_submodule(n) for n in names}
+    per_device: dict[torch.device, int] = {}
+    for module in modules.values():
+        device = module.weight.device
+        per_device[device] = per_device.get(device, 0) + LoraLayer.bank_bytes(
+            module, max_loras, max_rank
+        )
+    for device, needed in per_device.items():
+        free = _free_bytes(device)
+        if needed > free:
+            raise MemoryError(
+                f"adaptfuse.patch: the adapter slots need {needed / 2**20:.1f} MiB "
+                f"on {device} but only "
+                f"{free / 2**20:.1f} MiB are free; lower max_loras ({max_loras}) "
+                f"or max_rank ({max_rank})"
+            )
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers: dict[str, LoraLayer] = {}
+    for name, module in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoraLayer(module, max_loras, max_rank)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    manager = AdapterManager(model, layers, max_loras, max_rank, sum(per_device.values()))
+    original_forward = model.forward
+
+    def forward(*args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        if adapter_names is None:
+            return original_forward(*args, **kwargs)
+        reference = kwargs.get("input_ids")
+        if reference is None:
+            reference = args[0] if args else kwargs.get("inputs_embeds")
+        if reference is None or reference.dim() < 2:
+            raise ValueError(
+                "adapter_names needs input_ids or inputs_embeds shaped [batch, sequence, ...]"
+            )
+        plan = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
+        token = current_plan.set(plan)
+        try:
+            return original_forward(*args, **kwargs)
+        finally:
+            current_plan.reset(token)
+
+    model.forward = forward
+    object.__setattr__(model, _STATE, {"manager": manager, "requires_grad": requires_grad})
+    return manager
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Puts the original layers back (their weights were never touched), restores every
+    parameter's requires_grad and the model's forward."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("this model is not patched by adaptfuse")
+    manager: AdapterManager = state["manager"]
+    for name, layer in manager.layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
+    if "forward" in model.__dict__:
+        del model.forward
+    object.__delattr__(model, _STATE)
+    return model
+
+
+def manager_of(model: nn.Module) -> AdapterManager:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("this model is not patched by adaptfuse")
+    return state["manager"]
