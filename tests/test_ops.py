@@ -225,3 +225,25 @@ def test_ops_are_deterministic(target):
         outputs.append((v.cpu(), y.cpu()))
     for v, y in outputs[1:]:
         assert torch.equal(v, outputs[0][0]) and torch.equal(y, outputs[0][1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ops_under_inference_mode(target):
+    """Serving runs under torch.inference_mode; prefill-sized segments take the CPU's
+    parallel GEMM path, whose worker threads must see the caller's mode."""
+    device, library = target.device, target.library
+    gen = torch.Generator().manual_seed(12)
+    with torch.inference_mode():
+        x = torch.randn(256, 96, generator=gen).to(device)
+        A = torch.randn(4, 8, 96, generator=gen).to(device)
+        B = torch.randn(4, 8, 80, generator=gen).to(device)
+        y = torch.randn(256, 80, generator=gen).to(device)
+        token_slots = (torch.arange(256) // 64).to(torch.int32).to(device)
+        ranks = torch.tensor([8, 4, 8, 2], dtype=torch.int32, device=device)
+        scales = torch.ones(4, device=device)
+        plan = ops.plan(token_slots, 4, library=library)
+        v = ops.shrink(x, A, ranks, scales, plan, library=library)
+        exact = reference.expand(y, v, [B], [0], ranks, token_slots)
+        ops.expand_(y, v, [B], [0], ranks, plan, library=library)
+    plain = reference.expand(y, v, [B], [0], ranks, token_slots, dtype=torch.float32)
+    assert_within_torch_error(y, exact, plain, torch.float32, "expand_ under inference_mode")

@@ -5,6 +5,7 @@
 // kTokensPerChunk tokens, parallel over chunks. fp32 accumulation throughout; deterministic
 // for a given batch (not batch-invariant: GEMM blocking follows the segment length).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -135,7 +136,11 @@ template <class Fn>
 void for_each_long_segment(const SegmentWork& work, Fn&& fn) {
   const int64_t count = static_cast<int64_t>(work.long_segments.size());
   if (count >= at::get_num_threads() && count > 1) {
+    // Worker threads run ATen ops: give them the caller's thread-local state (inference
+    // mode, grad mode), which at::parallel_for does not carry over by itself.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
       for (int64_t i = begin; i < end; ++i) fn(work.long_segments[i]);
     });
   } else {
