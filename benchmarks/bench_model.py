@@ -164,9 +164,8 @@ def main(argv=None):
                 )
             )
     print(table(rows, ["phase", "candidate", "median ms", "x base"]))
-    print(
-        f"targets: prefill <= {result['targets']['prefill']}x, decode step <= {result['targets']['decode_step']}x"
-    )
+    targets = result["targets"]
+    print(f"targets: prefill <= {targets['prefill']}x, decode step <= {targets['decode_step']}x")
     print(f"wrote {write_result('model_llama_fp32', args.device, result, args.out_dir)}")
     return result
 
