@@ -243,9 +243,13 @@ def read_peft_adapter(
             raise AdapterError(
                 f"{weights_path}: layer {module} holds non-finite values (NaN or inf)"
             )
+        served_a, served_b = a.to(dtype).contiguous(), b.t().to(dtype).contiguous()
+        if not (torch.isfinite(served_a).all() and torch.isfinite(served_b).all()):
+            raise AdapterError(
+                f"{weights_path}: layer {module} holds values too large for the model's "
+                f"{dtype} (they would become inf)"
+            )
         alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        layers[module] = LoraWeights(
-            A=a.to(dtype).contiguous(), B=b.t().to(dtype).contiguous(), scale=scale
-        )
+        layers[module] = LoraWeights(A=served_a, B=served_b, scale=scale)
     return LoraAdapter(name=name, path=path, layers=layers)

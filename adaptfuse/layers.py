@@ -11,9 +11,29 @@ from torch import nn
 
 from adaptfuse import ops
 
-# The plan of the forward in progress (set by the patched model's forward, read by every
+
+class BatchPlans:
+    """The plan of one forward: built once on the first device, and once more for every other
+    device a layer lives on (device_map), on first use there."""
+
+    def __init__(self, token_slots: torch.Tensor, num_slots: int):
+        self._token_slots = token_slots
+        self._num_slots = num_slots
+        first = ops.plan(token_slots, num_slots)
+        self._plans = {token_slots.device: first}
+        self.num_tokens = token_slots.shape[0]
+
+    def on(self, device: torch.device) -> ops.Plan:
+        plan = self._plans.get(device)
+        if plan is None:
+            plan = ops.plan(self._token_slots.to(device, non_blocking=True), self._num_slots)
+            self._plans[device] = plan
+        return plan
+
+
+# The plans of the forward in progress (set by the patched model's forward, read by every
 # layer). A context variable: concurrent forwards in other threads see their own.
-current_plan: contextvars.ContextVar[Optional[ops.Plan]] = contextvars.ContextVar(
+current_plan: contextvars.ContextVar[Optional[BatchPlans]] = contextvars.ContextVar(
     "adaptfuse_current_plan", default=None
 )
 
@@ -64,11 +84,19 @@ class LoraLayer(nn.Module):
             torch.zeros(num_slots, dtype=torch.int32, device=weight.device),
             persistent=False,
         )
+        # fp32 scales kept as their int32 bit patterns: model.to(dtype) casts every floating
+        # buffer, and the scales must stay fp32 (and unrounded) whatever the model's dtype.
         self.register_buffer(
-            "lora_scales",
-            torch.zeros(num_slots, dtype=torch.float32, device=weight.device),
+            "lora_scale_bits",
+            torch.zeros(num_slots, dtype=torch.int32, device=weight.device),
             persistent=False,
         )
+        self._slot_ranks: dict[int, int] = {}  # host mirror of lora_ranks (no device reads)
+        self.active_slots = 0  # slots with a non-zero rank in this layer
+
+    @property
+    def lora_scales(self) -> torch.Tensor:
+        return self.lora_scale_bits.view(torch.float32)
 
     @staticmethod
     def bank_bytes(module: nn.Module, num_slots: int, max_rank: int) -> int:
@@ -81,20 +109,24 @@ class LoraLayer(nn.Module):
     ) -> None:
         """Fills one slot (A [r, H_in], B [r, H_out]); None clears it (rank 0). Rows beyond
         the rank are never read, so they are left as they are."""
+        was_active = self._slot_ranks.get(slot, 0) > 0
         if A is None:
             self.lora_ranks[slot] = 0
             self.lora_scales[slot] = 0.0
-            return
-        rank = A.shape[0]
-        self.lora_A[slot, :rank].copy_(A, non_blocking=True)
-        self.lora_B[slot, :rank].copy_(B, non_blocking=True)
-        self.lora_scales[slot] = scale
-        self.lora_ranks[slot] = rank
+            self._slot_ranks[slot] = 0
+        else:
+            rank = A.shape[0]
+            self.lora_A[slot, :rank].copy_(A, non_blocking=True)
+            self.lora_B[slot, :rank].copy_(B, non_blocking=True)
+            self.lora_scales[slot] = scale
+            self.lora_ranks[slot] = rank
+            self._slot_ranks[slot] = rank
+        self.active_slots += int(self._slot_ranks[slot] > 0) - int(was_active)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        plan = current_plan.get()
-        if plan is None:
+        plans = current_plan.get()
+        if plans is None or self.active_slots == 0:
             return y
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
@@ -102,12 +134,13 @@ class LoraLayer(nn.Module):
                 "run it under torch.no_grad() or torch.inference_mode()"
             )
         tokens = x.reshape(-1, self.in_features)
-        if tokens.shape[0] != plan.token_slots.shape[0]:
+        if tokens.shape[0] != plans.num_tokens:
             raise RuntimeError(
                 f"adaptfuse: layer input has {tokens.shape[0]} tokens but the batch plan has "
-                f"{plan.token_slots.shape[0]} "
+                f"{plans.num_tokens} "
                 "(adapter_names apply to inputs shaped [batch, sequence])"
             )
+        plan = plans.on(x.device)
         v = ops.shrink(tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan)
         out = y.view(-1, self.out_features)
         ops.expand_(out, v, [self.lora_B], [0], self.lora_ranks, plan)

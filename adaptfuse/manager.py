@@ -9,9 +9,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from adaptfuse import ops
 from adaptfuse.adapters import BASE_NAME, AdapterError, LoraAdapter, read_peft_adapter
-from adaptfuse.layers import LoraLayer
+from adaptfuse.layers import BatchPlans, LoraLayer
 
 
 class AdapterManager:
@@ -33,9 +32,10 @@ class AdapterManager:
         self.memory_bytes = memory_bytes
         self._registry: dict[str, LoraAdapter] = {}
         self._slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU order
-        self._lock = threading.Lock()
-        first = next(iter(layers.values()))
-        self._dtype = first.lora_A.dtype
+        # Forwards in flight pin the adapters they use: a pinned adapter keeps its slot (no
+        # eviction, no unload) until every forward using it has returned.
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._changed = threading.Condition(threading.Lock())
 
     @property
     def adapters(self) -> list[str]:
@@ -64,8 +64,12 @@ class AdapterManager:
         shapes = {
             path_: (layer.in_features, layer.out_features) for path_, layer in self.layers.items()
         }
-        adapter = read_peft_adapter(path, name, shapes, self.max_rank, self._dtype)
-        with self._lock:
+        first = next(iter(self.layers.values())).lora_A
+        adapter = read_peft_adapter(path, name, shapes, self.max_rank, first.dtype)
+        if first.device.type == "cuda":  # pinned host copies: slot writes are real async copies
+            for weights in adapter.layers.values():
+                weights.A, weights.B = weights.A.pin_memory(), weights.B.pin_memory()
+        with self._changed:
             if name in self._registry:
                 raise ValueError(f"an adapter named {name!r} is already loaded")
             self._registry[name] = adapter
@@ -74,9 +78,11 @@ class AdapterManager:
         return name
 
     def unload_adapter(self, name: str) -> None:
-        with self._lock:
+        """Removes an adapter; waits for forwards in flight that use it."""
+        with self._changed:
             if name not in self._registry:
                 raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
+            self._changed.wait_for(lambda: self._pins[name] == 0)
             slot = self._slot_of.pop(name, None)
             if slot is not None:
                 for layer in self.layers.values():
@@ -97,8 +103,9 @@ class AdapterManager:
                 layer.write_slot(slot, weights.A, weights.B, weights.scale)
         self._slot_of[name] = slot
 
-    def slots_for(self, adapter_names: Sequence[Optional[str]]) -> list[int]:
-        """Slot id per sequence (-1: base model), bringing adapters into slots as needed."""
+    def acquire(self, adapter_names: Sequence[Optional[str]]) -> tuple[list[int], list[str]]:
+        """Slot id per sequence (-1: base model), bringing adapters into slots as needed, and
+        pinning them until release(). When every slot is pinned by other forwards, waits."""
         names = [None if n in (None, BASE_NAME) else n for n in adapter_names]
         for n in names:
             if n is not None and not isinstance(n, str):
@@ -112,22 +119,43 @@ class AdapterManager:
                 f"the batch names {len(wanted)} distinct adapters but patch() allocated "
                 f"max_loras={self.max_loras} slots"
             )
-        with self._lock:
-            for n in wanted:
-                if n in self._slot_of:
-                    self._slot_of.move_to_end(n)
-                    continue
+        with self._changed:
+            # All or nothing: wait until every missing adapter can have a slot (free, or held
+            # by an adapter no forward in flight uses), so that forwards never deadlock.
+            def missing():
+                return [n for n in wanted if n not in self._slot_of]
+
+            def evictable():
+                return [v for v in self._slot_of if v not in wanted and self._pins[v] == 0]
+
+            def placeable():
+                gone = [n for n in wanted if n not in self._registry]
+                if gone:
+                    raise KeyError(f"adapter(s) {gone} were unloaded; loaded: {self.adapters}")
+                free = self.max_loras - len(self._slot_of)
+                return len(missing()) <= free + len(evictable())
+
+            self._changed.wait_for(placeable)
+            for n in missing():
                 if len(self._slot_of) < self.max_loras:
-                    slot = self._free_slot()
+                    self._place(n, self._free_slot())
                 else:
-                    victim = next(v for v in self._slot_of if v not in wanted)
-                    slot = self._slot_of.pop(victim)
-                self._place(n, slot)
-            return [-1 if n is None else self._slot_of[n] for n in names]
+                    self._place(n, self._slot_of.pop(evictable()[0]))  # least recently used
+            for n in wanted:
+                self._slot_of.move_to_end(n)
+                self._pins[n] += 1
+            return [-1 if n is None else self._slot_of[n] for n in names], wanted
+
+    def release(self, pinned: Sequence[str]) -> None:
+        with self._changed:
+            for n in pinned:
+                self._pins[n] -= 1
+            self._changed.notify_all()
 
     def plan_for(
         self, adapter_names: Sequence[Optional[str]], batch: int, sequence: int
-    ) -> ops.Plan:
+    ) -> tuple[BatchPlans, list[str]]:
+        """The forward's plans and the adapters it pinned (pass them to release())."""
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(
                 "adapter_names must be a list with one entry per sequence, "
@@ -138,9 +166,15 @@ class AdapterManager:
                 f"adapter_names has {len(adapter_names)} entries "
                 f"but the batch has {batch} sequences"
             )
-        slots = torch.tensor(self.slots_for(adapter_names), dtype=torch.int32)
-        token_slots = slots.repeat_interleave(sequence).to(self.device, non_blocking=True)
-        return ops.plan(token_slots, self.max_loras)
+        slot_ids, pinned = self.acquire(adapter_names)
+        try:
+            token_slots = torch.tensor(slot_ids, dtype=torch.int32).repeat_interleave(sequence)
+            return BatchPlans(
+                token_slots.to(self.device, non_blocking=True), self.max_loras
+            ), pinned
+        except BaseException:
+            self.release(pinned)
+            raise
 
     def named_layers(self) -> Iterable[tuple[str, LoraLayer]]:
         return self.layers.items()

@@ -29,6 +29,12 @@ def _targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]]) 
     return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
 
 
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -79,36 +85,43 @@ def patch(
             )
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     layers: dict[str, LoraLayer] = {}
-    for name, module in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoraLayer(module, max_loras, max_rank)
-        setattr(parent, child, layer)
-        layers[name] = layer
+    try:  # all layers or none: a failure midway (out of memory...) puts back what was swapped
+        for name, module in modules.items():
+            layers[name] = LoraLayer(module, max_loras, max_rank)
+            _set_submodule(model, name, layers[name])
+    except BaseException:
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer.base_layer)
+        raise
     for p in model.parameters():
         p.requires_grad_(False)
     manager = AdapterManager(model, layers, max_loras, max_rank, sum(per_device.values()))
     original_forward = model.forward
+    had_own_forward = "forward" in model.__dict__  # e.g. accelerate's device hooks
 
     def forward(*args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         if adapter_names is None:
             return original_forward(*args, **kwargs)
-        reference = kwargs.get("input_ids")
+        reference = kwargs.get("input_ids", args[0] if args else None)
         if reference is None:
-            reference = args[0] if args else kwargs.get("inputs_embeds")
+            reference = kwargs.get("inputs_embeds")
         if reference is None or reference.dim() < 2:
             raise ValueError(
                 "adapter_names needs input_ids or inputs_embeds shaped [batch, sequence, ...]"
             )
-        plan = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
-        token = current_plan.set(plan)
+        plans, pinned = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
+        token = current_plan.set(plans)
         try:
             return original_forward(*args, **kwargs)
         finally:
             current_plan.reset(token)
+            manager.release(pinned)
 
     model.forward = forward
-    object.__setattr__(model, _STATE, {"manager": manager, "requires_grad": requires_grad})
+    state = {"manager": manager, "requires_grad": requires_grad}
+    if had_own_forward:
+        state["forward"] = original_forward
+    object.__setattr__(model, _STATE, state)
     return manager
 
 
@@ -120,12 +133,12 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError("this model is not patched by adaptfuse")
     manager: AdapterManager = state["manager"]
     for name, layer in manager.layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        _set_submodule(model, name, layer.base_layer)
     for name, p in model.named_parameters():
         p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
-    if "forward" in model.__dict__:
+    if "forward" in state:
+        model.forward = state["forward"]  # the instance's own forward from before patch
+    elif "forward" in model.__dict__:
         del model.forward
     object.__delattr__(model, _STATE)
     return model

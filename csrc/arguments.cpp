@@ -120,6 +120,25 @@ void check_plan(const char* op, const at::Tensor& token_slots, const at::Tensor&
                       ": argument 'slot_offsets' decreases at slot ", s,
                       "; build it with adaptfuse.ops.plan");
   }
+  // The CPU kernels index rows through token_order: it must be the plan of token_slots.
+  const at::Tensor host_order = token_order.cpu();
+  const at::Tensor host_slots = token_slots.cpu();
+  const int32_t* order = host_order.data_ptr<int32_t>();
+  const int32_t* slots = host_slots.data_ptr<int32_t>();
+  std::vector<bool> seen(num_tokens, false);
+  for (int64_t s = 0; s <= num_slots; ++s) {
+    const int64_t end = s < num_slots ? offsets[s + 1] : num_tokens;
+    for (int64_t i = offsets[s]; i < end; ++i) {
+      const bool in_range = order[i] >= 0 && order[i] < num_tokens;
+      const int32_t slot = in_range ? slots[order[i]] : -2;
+      const bool belongs = s < num_slots ? slot == s : in_range && (slot < 0 || slot >= num_slots);
+      const bool first_time = in_range && !seen[order[i]];
+      if (in_range) seen[order[i]] = true;
+      TORCH_CHECK_VALUE(belongs && first_time, "adaptfuse.", op,
+                        ": argument 'token_order' is not the plan of ", "'token_slots' (position ",
+                        i, "); build it with adaptfuse.ops.plan");
+    }
+  }
 }
 
 }  // namespace
@@ -178,9 +197,9 @@ ShrinkArgs shrink_arguments(const at::Tensor& x, const at::Tensor& a, const at::
   check_table(op, "ranks", ranks, at::kInt, num_slots, "[S]", "x", x);
   check_table(op, "scales", scales, at::kFloat, num_slots, "[S]", "x", x);
   check_table(op, "token_slots", token_slots, at::kInt, x.size(0), "[T]", "x", x);
+  check_token_slot_values(op, token_slots, num_slots);
   check_plan(op, token_slots, token_order, slot_offsets, num_slots);
   check_rank_values(op, ranks, a.size(1), "R_max of A");
-  check_token_slot_values(op, token_slots, num_slots);
   args.x = x.data_ptr();
   args.x_row_stride = x.stride(0);
   args.a = a.data_ptr();
@@ -258,9 +277,9 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   check_size(op, "v", v, 1, v_columns, "the sum of the slices' R_max");
   check_table(op, "ranks", ranks, at::kInt, num_slots, "[S]", "y", y);
   check_table(op, "token_slots", token_slots, at::kInt, y.size(0), "[T]", "y", y);
+  check_token_slot_values(op, token_slots, num_slots);
   check_plan(op, token_slots, token_order, slot_offsets, num_slots);
   check_rank_values(op, ranks, smallest_capacity, "R_max of B");
-  check_token_slot_values(op, token_slots, num_slots);
   args.y = y.data_ptr();
   args.y_row_stride = y.stride(0);
   args.v = v.data_ptr<float>();
@@ -365,6 +384,27 @@ void check_merge_record(const at::Tensor& w, const at::Tensor& tile_counts,
                     "adaptfuse.unmerge_: the record does not belong to this W: its tiles count ",
                     entries, " entries and ", escapes, " escapes, but it holds ", offsets.size(0),
                     " and ", escape_bits.size(0));
+  // Every entry must address an element of W, and each tile's escapes must be where its
+  // count says: unmerge writes through these offsets.
+  const at::Tensor host_offsets = offsets.cpu();
+  const at::Tensor host_corrections = corrections.cpu();
+  const int16_t* offset_data = host_offsets.data_ptr<int16_t>();
+  const int8_t* correction_data = host_corrections.data_ptr<int8_t>();
+  int64_t entry = 0;
+  for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    const int64_t tile_size =
+        std::min<int64_t>(kMergeTileElements, w.numel() - tile * kMergeTileElements);
+    int64_t tile_escapes = 0;
+    for (int64_t end = entry + counts[2 * tile]; entry < end; ++entry) {
+      TORCH_CHECK_VALUE(static_cast<uint16_t>(offset_data[entry]) < tile_size,
+                        "adaptfuse.unmerge_: the record does not belong to this W: entry ", entry,
+                        " points past the end of tile ", tile);
+      tile_escapes += correction_data[entry] == kEscapeCorrection ? 1 : 0;
+    }
+    TORCH_CHECK_VALUE(tile_escapes == counts[2 * tile + 1],
+                      "adaptfuse.unmerge_: the record does not belong to this W: tile ", tile,
+                      " has ", tile_escapes, " escaped entries but counts ", counts[2 * tile + 1]);
+  }
 }
 
 }  // namespace adaptfuse

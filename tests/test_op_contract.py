@@ -437,3 +437,52 @@ def test_lora_path_compiles_fullgraph(target):
         d["x"], d["y"].clone(), d["token_slots"], d["A"], d["B"], d["ranks"], d["scales"]
     )
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("target", CHECKED)
+def test_foreign_plans_and_records_are_refused(target):
+    library = target.library
+    d = lora_inputs()
+    plan = ops.plan(d["token_slots"], 3, library=library)
+    swapped = plan.token_order.clone()
+    swapped[0], swapped[-1] = plan.token_order[-1], plan.token_order[0]
+    with pytest.raises(ValueError, match="'token_order' is not the plan of 'token_slots'"):
+        ops.shrink(
+            d["x"],
+            d["A"],
+            d["ranks"],
+            d["scales"],
+            plan._replace(token_order=swapped),
+            library=library,
+        )
+    repeated = plan.token_order.clone()
+    repeated[1] = repeated[0]
+    with pytest.raises(ValueError, match="'token_order' is not the plan"):
+        ops.shrink(
+            d["x"],
+            d["A"],
+            d["ranks"],
+            d["scales"],
+            plan._replace(token_order=repeated),
+            library=library,
+        )
+    W = torch.randn(50, 10)
+    before = W.clone()
+    A, B = [torch.randn(4, 10)], [torch.randn(4, 50)]
+    past_the_end = ops.MergeRecord(
+        torch.tensor([[1, 0]], dtype=I32),
+        torch.tensor([600], dtype=torch.int16),
+        torch.tensor([1], dtype=torch.int8),
+        torch.zeros(0, dtype=I32),
+    )
+    with pytest.raises(ValueError, match="points past the end of tile 0"):
+        ops.unmerge_(W, A, B, [1.0], past_the_end, library=library)
+    hidden_escape = ops.MergeRecord(
+        torch.tensor([[1, 0]], dtype=I32),
+        torch.tensor([3], dtype=torch.int16),
+        torch.tensor([-128], dtype=torch.int8),
+        torch.zeros(0, dtype=I32),
+    )
+    with pytest.raises(ValueError, match="tile 0 has 1 escaped entries but counts 0"):
+        ops.unmerge_(W, A, B, [1.0], hidden_escape, library=library)
+    assert_bit_identical(W, before, "W after refused unmerges")

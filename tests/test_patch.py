@@ -453,3 +453,111 @@ def test_patch_refuses_what_does_not_fit():
     assert sorted({name.rsplit(".", 1)[1] for name in manager.layers}) == ["q_proj", "v_proj"]
     with pytest.raises(ValueError, match="already patched"):
         adaptfuse.patch(model)
+
+
+def test_model_to_dtype_keeps_fp32_scales(workdir):
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    paths = save_adapters(base, "llama", workdir)
+    model = copy.deepcopy(base)
+    manager = adaptfuse.patch(model, max_loras=2, max_rank=16)
+    manager.load_adapter(paths["adapter2"], adapter_name="rs")  # rsLoRA: scale 8 / sqrt(16)
+    model.to(torch.bfloat16)
+    layer = next(iter(manager.layers.values()))
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.lora_scales.dtype == torch.float32
+    assert layer.lora_scales.max().item() == 2.0
+    manager.load_adapter(paths["adapter0"], adapter_name="late")  # loaded after the cast
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        logits = model(ids, adapter_names=["rs", "late"]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_concurrent_forwards_keep_their_adapters(workdir):
+    """max_loras=1 and two threads that each serve another adapter: a forward in flight pins
+    its slot, the other waits, and every result equals the one computed alone."""
+    import threading
+
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    paths = save_adapters(base, "llama", workdir)
+    model = copy.deepcopy(base)
+    manager = adaptfuse.patch(model, max_loras=1, max_rank=16)
+    manager.load_adapter(paths["adapter1"], adapter_name="one")
+    manager.load_adapter(paths["adapter2"], adapter_name="two")
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        expected = {n: model(ids, adapter_names=[n, None]).logits for n in ("one", "two")}
+    failures = []
+
+    def serve(name):
+        with torch.no_grad():
+            for _ in range(6):
+                got = model(ids, adapter_names=[name, None]).logits
+                if not torch.equal(got, expected[name]):
+                    failures.append(name)
+
+    threads = [threading.Thread(target=serve, args=(n,)) for n in ("one", "two", "one")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_patch_is_all_or_nothing(monkeypatch):
+    model = tiny_model("llama")
+    real_init = adaptfuse.layers.LoraLayer.__init__
+    calls = []
+
+    def failing_init(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory (simulated)")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(adaptfuse.layers.LoraLayer, "__init__", failing_init)
+    with pytest.raises(RuntimeError, match="simulated"):
+        adaptfuse.patch(model)
+    monkeypatch.undo()
+    assert not any(isinstance(m, adaptfuse.layers.LoraLayer) for m in model.modules())
+    adaptfuse.patch(model)  # and it can be patched afterwards
+
+
+def test_unpatch_restores_an_instance_forward():
+    model = tiny_model("llama")
+    class_forward = type(model).forward
+    calls = []
+
+    def hooked_forward(*args, **kwargs):  # what accelerate's device hooks put on the instance
+        calls.append(1)
+        return class_forward(model, *args, **kwargs)
+
+    model.forward = hooked_forward
+    adaptfuse.patch(model)
+    adaptfuse.unpatch(model)
+    assert model.forward is hooked_forward
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 3)))
+    assert calls
+
+
+def test_inputs_embeds_with_positional_none(patched_llama):
+    model, _, _ = patched_llama
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        by_embeds = model(None, inputs_embeds=embeds, adapter_names=["good", None]).logits
+        by_ids = model(ids, adapter_names=["good", None]).logits
+    torch.testing.assert_close(by_embeds, by_ids)
+
+
+def test_adapter_values_too_large_for_fp16(tmp_path):
+    model = tiny_model("llama").to(torch.float16)
+    manager = adaptfuse.patch(model, max_loras=2, max_rank=8)
+    tensors = good_tensors()
+    tensors[f"{PREFIX}{LAYER}.lora_A.weight"][0, 0] = 1e6
+    path = write_adapter(tmp_path / "huge", BASE_CONFIG, tensors)
+    with pytest.raises(adaptfuse.AdapterError, match="too large for the model's torch.float16"):
+        manager.load_adapter(path, adapter_name="huge")
+    assert manager.adapters == []

@@ -81,6 +81,16 @@ __global__ void shuffle_kernel(int* out) {
   row[7] = adaptfuse::warp_sum(lane);
 }
 
+// Two divergent groups run collectives with disjoint masks at the same time (legal in CUDA).
+__global__ void disjoint_groups_kernel(int* out) {
+  const int lane = threadIdx.x % 32;
+  if (lane % 2 == 0) {
+    out[lane] = __shfl_sync(0x55555555u, lane * 10, (lane + 2) % 32);
+  } else {
+    out[lane] = __shfl_sync(0xaaaaaaaau, lane * 10, (lane + 2) % 32);
+  }
+}
+
 // Only the even lanes take part, with a matching mask: legal, partial-warp collectives.
 __global__ void partial_warp_kernel(int* out) {
   const int lane = threadIdx.x % 32;
@@ -217,6 +227,13 @@ static void test_shuffles(const Mode& mode) {
                 0, nullptr, partial.data());
   for (int lane = 0; lane < 32; lane += 2)
     EXPECT(partial[lane] == ((lane + 2) % 32) * 7, "partial lane %d", lane);
+  std::vector<int> groups(32, -1);
+  launch_kernel(__FILE__, __LINE__, "disjoint_groups_kernel", disjoint_groups_kernel, dim3(1),
+                dim3(32), 0, nullptr, groups.data());
+  for (int lane = 0; lane < 32; ++lane) {
+    EXPECT(groups[lane] == ((lane + 2) % 32) * 10, "%s: disjoint groups lane %d: %d", mode.name,
+           lane, groups[lane]);
+  }
 }
 
 static void test_shared_memory(const Mode& mode) {

@@ -473,7 +473,9 @@ const unsigned char* warp_exchange_bytes(unsigned mask, const void* data, size_t
   fiber.wait_what = what;
   fiber.wait_file = file;
   fiber.wait_line = line;
-  while (warp.draining) yield();  // the previous collective is still being read
+  // Wait while the previous collective is being read, and while lanes of a disjoint group
+  // (divergent code, other mask) are gathering: that group completes on its own.
+  while (warp.draining || (warp.arrived != 0 && (warp.mask & mask) == 0)) yield();
   if (warp.arrived == 0) {
     warp.mask = mask;
     warp.what = what;
