@@ -3,6 +3,7 @@ adapter_names through forward."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 from typing import Optional, Sequence, Union
@@ -14,6 +15,23 @@ from adaptfuse.layers import LoraLayer, current_plan, layer_features
 from adaptfuse.manager import AdapterManager
 
 _STATE = "_adaptfuse_state"
+
+# The adapter_names of a generate() call in progress, read by each of its forwards.
+generate_names: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "adaptfuse_generate_names", default=None
+)
+
+
+def _expand_for_generation(names: Sequence[Optional[str]], batch: int) -> list:
+    """generate() expands the batch (num_beams, num_return_sequences) by repeating each row in
+    place: each name is repeated batch / len(names) times, the same way."""
+    if batch % len(names) != 0:
+        raise ValueError(
+            f"adapter_names has {len(names)} entries, which does not divide the expanded "
+            f"batch of {batch} sequences"
+        )
+    repeat = batch // len(names)
+    return [name for name in names for _ in range(repeat)]
 
 
 def _targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]]) -> list[str]:
@@ -100,8 +118,11 @@ def patch(
     had_own_forward = "forward" in model.__dict__  # e.g. accelerate's device hooks
 
     def forward(*args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
-        if adapter_names is None:
-            return original_forward(*args, **kwargs)
+        from_generate = adapter_names is None
+        if from_generate:
+            adapter_names = generate_names.get()
+            if adapter_names is None:
+                return original_forward(*args, **kwargs)
         reference = kwargs.get("input_ids", args[0] if args else None)
         if reference is None:
             reference = kwargs.get("inputs_embeds")
@@ -109,6 +130,8 @@ def patch(
             raise ValueError(
                 "adapter_names needs input_ids or inputs_embeds shaped [batch, sequence, ...]"
             )
+        if from_generate:
+            adapter_names = _expand_for_generation(adapter_names, reference.shape[0])
         plans, pinned = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
         token = current_plan.set(plans)
         try:
@@ -118,9 +141,30 @@ def patch(
             manager.release(pinned)
 
     model.forward = forward
+
+    original_generate = getattr(model, "generate", None)
+    had_own_generate = "generate" in model.__dict__
+    if original_generate is not None:
+
+        def generate(*args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+            # transformers refuses unknown generate kwargs: the names travel in a context
+            # variable to every forward of this generate call instead.
+            if adapter_names is None:
+                return original_generate(*args, **kwargs)
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError("adapter_names must be a list with one entry per input sequence")
+            token = generate_names.set(list(adapter_names))
+            try:
+                return original_generate(*args, **kwargs)
+            finally:
+                generate_names.reset(token)
+
+        model.generate = generate
     state = {"manager": manager, "requires_grad": requires_grad}
     if had_own_forward:
         state["forward"] = original_forward
+    if original_generate is not None and had_own_generate:
+        state["generate"] = original_generate
     object.__setattr__(model, _STATE, state)
     return manager
 
@@ -136,10 +180,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     for name, p in model.named_parameters():
         p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
-    if "forward" in state:
-        model.forward = state["forward"]  # the instance's own forward from before patch
-    elif "forward" in model.__dict__:
-        del model.forward
+    for method in ("forward", "generate"):
+        if method in state:
+            setattr(model, method, state[method])  # the instance's own, from before patch
+        elif method in model.__dict__:
+            delattr(model, method)
     object.__delattr__(model, _STATE)
     return model
 

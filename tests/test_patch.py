@@ -561,3 +561,33 @@ def test_adapter_values_too_large_for_fp16(tmp_path):
     with pytest.raises(adaptfuse.AdapterError, match="too large for the model's torch.float16"):
         manager.load_adapter(path, adapter_name="huge")
     assert manager.adapters == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(num_beams=2, num_return_sequences=2), dict(num_beams=3)],
+    ids=["greedy", "beams-2-return-2", "beams-3"],
+)
+def test_generate_matches_peft(options, workdir):
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    paths = save_adapters(base, "llama", workdir)
+    names = ["adapter1", None, "adapter2"]
+    ids, mask = batch_with_padding(3, 6, "left", seed=5)
+    reference = peft_model_with(base, paths, torch.float32)
+    model = copy.deepcopy(base)
+    manager = adaptfuse.patch(model, max_loras=3, max_rank=16)
+    for name, path in paths.items():
+        manager.load_adapter(path, adapter_name=name)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, **options)
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=[n or "__base__" for n in names],
+            **settings,
+        )
+        got = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **settings)
+        base_only = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, base_only)  # the adapters change what is generated
