@@ -94,6 +94,11 @@ class LoraLayer(nn.Module):
         self._slot_ranks: dict[int, int] = {}  # host mirror of lora_ranks (no device reads)
         self.active_slots = 0  # slots with a non-zero rank in this layer
 
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as [H_out, H_in] (a transposed view for GPT-2's Conv1D)."""
+        weight = self.base_layer.weight.data
+        return weight if isinstance(self.base_layer, nn.Linear) else weight.t()
+
     @property
     def lora_scales(self) -> torch.Tensor:
         return self.lora_scale_bits.view(torch.float32)

@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from adaptfuse import ops
 from adaptfuse.adapters import BASE_NAME, AdapterError, LoraAdapter, read_peft_adapter
 from adaptfuse.layers import BatchPlans, LoraLayer
 
@@ -36,6 +37,9 @@ class AdapterManager:
         # eviction, no unload) until every forward using it has returned.
         self._pins: collections.Counter[str] = collections.Counter()
         self._changed = threading.Condition(threading.Lock())
+        # The merge in effect: {name: weight} and, per merged layer, what unmerge needs.
+        self.merged: Optional[dict[str, float]] = None
+        self._merge_records: list[tuple[str, list, list, list, ops.MergeRecord]] = []
 
     @property
     def adapters(self) -> list[str]:
@@ -82,6 +86,8 @@ class AdapterManager:
         with self._changed:
             if name not in self._registry:
                 raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
+            if self.merged is not None and name in self.merged:
+                raise ValueError(f"{name!r} is merged into the base weights; call unmerge() first")
             self._changed.wait_for(lambda: self._pins[name] == 0)
             slot = self._slot_of.pop(name, None)
             if slot is not None:
@@ -126,7 +132,12 @@ class AdapterManager:
                 return [n for n in wanted if n not in self._slot_of]
 
             def evictable():
-                return [v for v in self._slot_of if v not in wanted and self._pins[v] == 0]
+                merged = self.merged or {}
+                return [
+                    v
+                    for v in self._slot_of
+                    if v not in wanted and v not in merged and self._pins[v] == 0
+                ]
 
             def placeable():
                 gone = [n for n in wanted if n not in self._registry]
@@ -175,6 +186,68 @@ class AdapterManager:
         except BaseException:
             self.release(pinned)
             raise
+
+    def merge(self, spec) -> None:
+        """Folds one adapter (a name) or a weighted sum of adapters ({name: weight}) into the
+        base weights of every adapted layer. Refused while a merge is in effect. A merge that
+        fails midway (a result that would not be finite...) restores every layer it touched."""
+        weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
+        if self.merged is not None:
+            current = ", ".join(repr(n) for n in self.merged)
+            raise ValueError(f"{current} is merged; call unmerge() first")
+        if not weights:
+            raise ValueError("merge() needs an adapter name or a non-empty {name: weight} mapping")
+        unknown = [n for n in weights if n not in self._registry]
+        if unknown:
+            raise KeyError(f"unknown adapter name(s) {unknown}; loaded: {self.adapters}")
+        from tqdm.auto import tqdm
+
+        records = []
+        layers = list(self.layers.items())
+        try:
+            for path, layer in tqdm(layers, desc="merging", disable=len(layers) < 64, leave=False):
+                terms = [
+                    (self._registry[n].layers[path], float(w))
+                    for n, w in weights.items()
+                    if path in self._registry[n].layers
+                ]
+                if not terms:
+                    continue
+                device = layer.lora_A.device
+                A = [t.A.to(device) for t, _ in terms]
+                B = [t.B.to(device) for t, _ in terms]
+                coefficients = [w * t.scale for t, w in terms]
+                record = ops.merge_(layer.weight_out_in(), A, B, coefficients)
+                records.append((path, A, B, coefficients, record))
+        except BaseException:
+            self._unmerge_layers(records)
+            raise
+        self._merge_records = records
+        self.merged = weights
+
+    def unmerge(self) -> None:
+        """Restores every merged base weight bit for bit."""
+        if self.merged is None:
+            raise ValueError("no adapter is merged")
+        self._unmerge_layers(self._merge_records)
+        self._merge_records = []
+        self.merged = None
+
+    def _unmerge_layers(self, records) -> None:
+        for path, A, B, coefficients, record in reversed(records):
+            ops.unmerge_(self.layers[path].weight_out_in(), A, B, coefficients, record)
+
+    def check_merged_names(self, names: Sequence[Optional[str]]) -> None:
+        """While merged, a batch may only name the single merged adapter (in every row)."""
+        merged = list(self.merged)
+        if len(merged) == 1 and all(n == merged[0] for n in names):
+            return
+        raise ValueError(
+            f"{', '.join(repr(n) for n in merged)} is merged into the base weights: a batch may "
+            f"only name {merged[0]!r} in every row"
+            if len(merged) == 1
+            else f"a weighted merge of {merged} is in effect: batches may not name adapters"
+        )
 
     def named_layers(self) -> Iterable[tuple[str, LoraLayer]]:
         return self.layers.items()

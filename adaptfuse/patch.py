@@ -122,7 +122,7 @@ def patch(
         if from_generate:
             adapter_names = generate_names.get()
             if adapter_names is None:
-                return original_forward(*args, **kwargs)
+                return original_forward(*args, **kwargs)  # merged or not: the current weights
         reference = kwargs.get("input_ids", args[0] if args else None)
         if reference is None:
             reference = kwargs.get("inputs_embeds")
@@ -132,6 +132,9 @@ def patch(
             )
         if from_generate:
             adapter_names = _expand_for_generation(adapter_names, reference.shape[0])
+        if manager.merged is not None:
+            manager.check_merged_names(adapter_names)
+            return original_forward(*args, **kwargs)  # the merged weights, no LoRA kernels
         plans, pinned = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
         token = current_plan.set(plans)
         try:
@@ -141,6 +144,20 @@ def patch(
             manager.release(pinned)
 
     model.forward = forward
+
+    original_apply = model._apply
+    had_own_apply = "_apply" in model.__dict__
+
+    def _apply(fn, *args, **kwargs):
+        # Exactness of unmerge rests on recomputing the same delta on the same device/dtype.
+        if manager.merged is not None:
+            raise RuntimeError(
+                f"{', '.join(repr(n) for n in manager.merged)} is merged; call unmerge() before "
+                "moving the model to another device or dtype"
+            )
+        return original_apply(fn, *args, **kwargs)
+
+    model._apply = _apply
 
     original_generate = getattr(model, "generate", None)
     had_own_generate = "generate" in model.__dict__
@@ -165,6 +182,8 @@ def patch(
         state["forward"] = original_forward
     if original_generate is not None and had_own_generate:
         state["generate"] = original_generate
+    if had_own_apply:
+        state["_apply"] = original_apply
     object.__setattr__(model, _STATE, state)
     return manager
 
@@ -176,11 +195,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         raise ValueError("this model is not patched by adaptfuse")
     manager: AdapterManager = state["manager"]
+    if manager.merged is not None:
+        manager.unmerge()
     for name, layer in manager.layers.items():
         _set_submodule(model, name, layer.base_layer)
     for name, p in model.named_parameters():
         p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
-    for method in ("forward", "generate"):
+    for method in ("forward", "generate", "_apply"):
         if method in state:
             setattr(model, method, state[method])  # the instance's own, from before patch
         elif method in model.__dict__:

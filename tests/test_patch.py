@@ -591,3 +591,63 @@ def test_generate_matches_peft(options, workdir):
         base_only = model.generate(input_ids=ids, attention_mask=mask, **settings)
     assert torch.equal(got, expected)
     assert not torch.equal(got, base_only)  # the adapters change what is generated
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_model_merge_serves_and_unmerges_bit_exactly(arch, workdir):
+    torch.manual_seed(0)
+    base = tiny_model(arch)
+    paths = save_adapters(base, arch, workdir)
+    model = copy.deepcopy(base)
+    manager = adaptfuse.patch(model, max_loras=2, max_rank=16)
+    for name, path in paths.items():
+        manager.load_adapter(path, adapter_name=name)
+    original = {n.replace(".base_layer", ""): bits(p) for n, p in model.named_parameters()}
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.no_grad():
+        served = model(ids, adapter_names=["adapter1", "adapter1"]).logits
+        for _cycle in range(3):
+            manager.merge("adapter1")
+            merged_plain = model(ids).logits
+            merged_named = model(ids, adapter_names=["adapter1", "adapter1"]).logits
+            with pytest.raises(ValueError, match="'adapter1' is merged"):
+                model(ids, adapter_names=["adapter1", None])
+            with pytest.raises(ValueError, match="'adapter1' is merged; call unmerge"):
+                manager.merge("adapter0")
+            with pytest.raises(ValueError, match="merged into the base weights"):
+                manager.unload_adapter("adapter1")
+            with pytest.raises(RuntimeError, match="call unmerge\\(\\) before moving"):
+                model.to(torch.float64)
+            manager.unmerge()
+            for name, p in model.named_parameters():
+                assert torch.equal(bits(p), original[name.replace(".base_layer", "")]), name
+    torch.testing.assert_close(merged_plain, served, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged_named, merged_plain, rtol=0, atol=0)
+    # A weighted merge of two adapters, then unpatch while merged: unmerged first.
+    manager.merge({"adapter0": 0.5, "adapter1": 0.25})
+    with pytest.raises(ValueError, match="weighted merge"):
+        with torch.no_grad():
+            model(ids, adapter_names=["adapter0", "adapter0"])
+    adaptfuse.unpatch(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(bits(p), original[name]), name
+
+
+def test_failed_merge_restores_every_layer(tmp_path):
+    """An adapter whose delta overflows fp16 in its last layer: the layers merged before it
+    are restored bit for bit and nothing is merged."""
+    model = tiny_model("llama").to(torch.float16)
+    manager = adaptfuse.patch(model, max_loras=2, max_rank=8)
+    tensors = {}
+    for i in range(2):
+        layer = f"{PREFIX}model.layers.{i}.self_attn.q_proj"
+        tensors[f"{layer}.lora_A.weight"] = torch.full((4, 72), 0.01 if i == 0 else 1.0)
+        tensors[f"{layer}.lora_B.weight"] = torch.full((72, 4), 0.01 if i == 0 else 60000.0)
+    path = write_adapter(tmp_path / "overflow", {**BASE_CONFIG, "lora_alpha": 4}, tensors)
+    manager.load_adapter(path, adapter_name="overflow")
+    original = {n: bits(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="non-finite"):
+        manager.merge("overflow")
+    assert manager.merged is None
+    for name, p in model.named_parameters():
+        assert torch.equal(bits(p), original[name]), name
