@@ -66,7 +66,16 @@ AF_HOST_DEVICE typename Format::Bits round_two_sum(float sum, float error) {
   return exact_above == rounded_above ? rounded : neighbour;
 }
 
-struct BFloat16Format {
+// a + b rounded once into a 16-bit Format (shared by bf16 and fp16).
+template <class Format>
+struct SixteenBitSum {
+  static AF_HOST_DEVICE uint16_t sum_rounded_once(float a, float b) {
+    float sum = add_rn(a, b);
+    return round_two_sum<Format>(sum, two_sum_error(a, b, sum));
+  }
+};
+
+struct BFloat16Format : SixteenBitSum<BFloat16Format> {
   using Bits = uint16_t;
   static constexpr DType kDType = DType::kBFloat16;
   static constexpr Bits kSignBit = 0x8000;
@@ -80,13 +89,9 @@ struct BFloat16Format {
     if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<Bits>((bits >> 16) | 0x0040u);
     return static_cast<Bits>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
   }
-  static AF_HOST_DEVICE Bits sum_rounded_once(float a, float b) {
-    float sum = add_rn(a, b);
-    return round_two_sum<BFloat16Format>(sum, two_sum_error(a, b, sum));
-  }
 };
 
-struct Float16Format {
+struct Float16Format : SixteenBitSum<Float16Format> {
   using Bits = uint16_t;
   static constexpr DType kDType = DType::kFloat16;
   static constexpr Bits kSignBit = 0x8000;
@@ -129,10 +134,6 @@ struct Float16Format {
     const uint32_t remainder = magnitude & 0x1fffu;
     if (remainder > 0x1000u || (remainder == 0x1000u && (rebased & 1u))) ++rebased;
     return static_cast<Bits>(sign | rebased);
-  }
-  static AF_HOST_DEVICE Bits sum_rounded_once(float a, float b) {
-    float sum = add_rn(a, b);
-    return round_two_sum<Float16Format>(sum, two_sum_error(a, b, sum));
   }
 };
 
