@@ -247,3 +247,45 @@ def test_ops_under_inference_mode(target):
         ops.expand_(y, v, [B], [0], ranks, plan, library=library)
     plain = reference.expand(y, v, [B], [0], ranks, token_slots, dtype=torch.float32)
     assert_within_torch_error(y, exact, plain, torch.float32, "expand_ under inference_mode")
+
+
+def wide_cases(count: int = 240, seed: int = 7) -> list[dict]:
+    """A seeded random sample of the full cross product (beyond pairwise coverage)."""
+    import itertools
+    import random
+
+    space = list(
+        itertools.product(
+            SIZES,
+            SIZES,
+            RANKS,
+            TOKENS,
+            POPULARITY,
+            ["full", "mixed"],
+            DTYPES,
+            ["contiguous", "strided"],
+        )
+    )
+    keys = ["h_in", "h_out", "rank", "tokens", "popularity", "ranks", "dtype", "layout"]
+    rng = random.Random(seed)
+    cases = [dict(zip(keys, values, strict=True)) for values in rng.sample(space, 4 * count)]
+    return [c for c in cases if feasible(c)][:count]
+
+
+WIDE = [
+    pytest.param(
+        case,
+        target.values[0],
+        id=f"{case_id(case)}-{target.id}",
+        marks=[pytest.mark.slow, *target.marks],
+    )
+    for case in wide_cases()
+    for target in TARGETS
+    if not target.values[0].emulated or emulation_cost(case) <= 2e6
+]
+
+
+@pytest.mark.parametrize("case,target", WIDE)
+def test_wide_sweep_matches_reference(case, target):
+    """make test-full: the same checks over a wider sample of shapes."""
+    test_shrink_expand_match_reference(case, target)
