@@ -133,11 +133,6 @@ class LoraLayer(nn.Module):
         plans = current_plan.get()
         if plans is None or self.active_slots == 0:
             return y
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError(
-                "adaptfuse: a forward with gradients through served adapters is not supported; "
-                "run it under torch.no_grad() or torch.inference_mode()"
-            )
         tokens = x.reshape(-1, self.in_features)
         if tokens.shape[0] != plans.num_tokens:
             raise RuntimeError(
@@ -146,7 +141,38 @@ class LoraLayer(nn.Module):
                 "(adapter_names apply to inputs shaped [batch, sequence])"
             )
         plan = plans.on(x.device)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Frozen adapters in a forward with gradients: an ordinary forward, whose
+            # activations get the adapters' part of their gradient (the adapters get none).
+            delta = _FrozenLoraDelta.apply(
+                tokens, self.lora_A, self.lora_B, self.lora_ranks, self.lora_scales, *plan
+            )
+            return y + delta.view(y.shape)
         v = ops.shrink(tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan)
         out = y.view(-1, self.out_features)
         ops.expand_(out, v, [self.lora_B], [0], self.lora_ranks, plan)
         return y
+
+
+class _FrozenLoraDelta(torch.autograd.Function):
+    """delta = scale * (x A^T) B per token's slot; backward to x only, with the same two ops
+    and the banks swapped: dx = expand(shrink(d_delta, B), A)."""
+
+    @staticmethod
+    def forward(ctx, tokens, A, B, ranks, scales, token_slots, token_order, slot_offsets):
+        plan = ops.Plan(token_slots, token_order, slot_offsets)
+        v = ops.shrink(tokens, A, ranks, scales, plan)
+        delta = tokens.new_zeros(tokens.shape[0], B.shape[2])
+        ops.expand_(delta, v, [B], [0], ranks, plan)
+        ctx.save_for_backward(A, B, ranks, scales, token_slots, token_order, slot_offsets)
+        ctx.tokens_dtype = tokens.dtype
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        A, B, ranks, scales, token_slots, token_order, slot_offsets = ctx.saved_tensors
+        plan = ops.Plan(token_slots, token_order, slot_offsets)
+        dv = ops.shrink(grad_delta.contiguous(), B, ranks, scales, plan)
+        grad_tokens = grad_delta.new_zeros(grad_delta.shape[0], A.shape[2], dtype=ctx.tokens_dtype)
+        ops.expand_(grad_tokens, dv, [A], [0], ranks, plan)
+        return grad_tokens, None, None, None, None, None, None, None

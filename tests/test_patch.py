@@ -393,9 +393,6 @@ def test_bad_calls_are_refused_and_nothing_changes(patched_llama):
     with pytest.raises(ValueError, match="reserved"):
         manager.load_adapter(paths["adapter1"], adapter_name="__base__")
     assert_same_state(before, state_bits(model, manager))
-    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="gradients through served adapters"):
-        model(inputs_embeds=embeddings, adapter_names=["good", None])
 
 
 def test_slots_evict_least_recently_used(patched_llama):
@@ -651,3 +648,34 @@ def test_failed_merge_restores_every_layer(tmp_path):
     assert manager.merged is None
     for name, p in model.named_parameters():
         assert torch.equal(bits(p), original[name]), name
+
+
+def test_grad_through_frozen_adapters_matches_peft(workdir):
+    """A forward with gradients through served (frozen) adapters is an ordinary forward: the
+    activations get the adapters' part of their gradient, the adapters none."""
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    paths = save_adapters(base, "llama", workdir)
+    names = ["adapter1", None, "adapter2"]
+    ids = torch.randint(3, VOCAB, (3, 6))
+    reference = peft_model_with(base, paths, torch.float32)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(base)
+    manager = adaptfuse.patch(model, max_loras=3, max_rank=16)
+    for name, path in paths.items():
+        manager.load_adapter(path, adapter_name=name)
+    grads = []
+    for candidate, candidate_names in (
+        (reference, [n or "__base__" for n in names]),
+        (model, names),
+    ):
+        embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = candidate(inputs_embeds=embeds, adapter_names=candidate_names).logits
+        logits.float().pow(2).mean().backward()
+        grads.append(embeds.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+    base(inputs_embeds=embeds).logits.float().pow(2).mean().backward()
+    assert (grads[1] - embeds.grad)[0].abs().max() > 1e-6  # the adapters' part is there
