@@ -84,24 +84,12 @@ class LoraWeights:
     B: torch.Tensor
     scale: float
 
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
 
 @dataclasses.dataclass
 class LoraAdapter:
     name: str
     path: str
     layers: dict[str, LoraWeights]  # module path in the base model -> weights
-
-    @property
-    def max_rank(self) -> int:
-        return max((w.rank for w in self.layers.values()), default=0)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.A.nbytes + w.B.nbytes for w in self.layers.values())
 
 
 def _pattern_value(patterns: Mapping[str, float], module: str, default):

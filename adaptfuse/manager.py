@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -248,9 +248,6 @@ class AdapterManager:
             if len(merged) == 1
             else f"a weighted merge of {merged} is in effect: batches may not name adapters"
         )
-
-    def named_layers(self) -> Iterable[tuple[str, LoraLayer]]:
-        return self.layers.items()
 
 
 __all__ = ["AdapterError", "AdapterManager"]

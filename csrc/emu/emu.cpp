@@ -403,7 +403,6 @@ void run_block(Block& block, uint64_t block_linear) {
 
 }  // namespace
 
-Fiber* current_fiber() { return tl_fiber; }
 const uint3& thread_index() { return tl_fiber->thread_idx; }
 const uint3& block_index() { return tl_block->block_idx; }
 const dim3& block_dim() { return tl_block->block_dim; }

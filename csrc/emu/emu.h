@@ -88,7 +88,6 @@ Options& options();  // process-wide; set before launching
 
 struct Fiber;
 struct Block;
-Fiber* current_fiber();
 const uint3& thread_index();
 const uint3& block_index();
 const dim3& block_dim();
@@ -146,56 +145,52 @@ uint64_t to_bits(T value) {
   return bits;
 }
 
+// Every shuffle: exchange the lanes' values, then read the one of `source` (a lane outside
+// the segment or the warp maps to the caller itself, which gets its own value back).
+template <class T>
+T shuffle_from(const char* file, int line, const char* what, unsigned mask, T value, int source) {
+  const uint64_t* values = warp_exchange(mask, to_bits(value), what, file, line);
+  if (!((mask >> source) & 1u))
+    fault(
+        std::string(what) + " reads lane " + std::to_string(source) + ", which is not in the mask",
+        file, line);
+  return bits_to<T>(values[source]);
+}
+
 // The shuffles, with CUDA's argument order after the call site; width defaults to 32.
 template <class T>
 T shfl_sync_at(const char* file, int line, unsigned mask, T value, int source_lane,
                int width = 32) {
-  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_sync", file, line);
   const int lane = lane_id();
   const int source = lane - lane % width + ((source_lane % width) + width) % width;
-  if (!((mask >> source) & 1u))
-    fault("__shfl_sync reads lane " + std::to_string(source) + ", which is not in the mask", file,
-          line);
-  return bits_to<T>(values[source]);
+  return shuffle_from(file, line, "__shfl_sync", mask, value, source);
 }
 
 template <class T>
 T shfl_xor_sync_at(const char* file, int line, unsigned mask, T value, int lane_mask,
                    int width = 32) {
-  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_xor_sync", file, line);
   const int lane = lane_id();
-  int source = lane ^ lane_mask;
-  if (source / width != lane / width) source = lane;  // outside the segment: own value
-  if (!((mask >> source) & 1u))
-    fault("__shfl_xor_sync reads lane " + std::to_string(source) + ", which is not in the mask",
-          file, line);
-  return bits_to<T>(values[source]);
+  const int source = lane ^ lane_mask;
+  return shuffle_from(file, line, "__shfl_xor_sync", mask, value,
+                      source / width == lane / width ? source : lane);
 }
 
 template <class T>
 T shfl_up_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta,
                   int width = 32) {
-  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_up_sync", file, line);
   const int lane = lane_id();
   const int source = lane - static_cast<int>(delta);
-  if (source < lane - lane % width) return value;
-  if (!((mask >> source) & 1u))
-    fault("__shfl_up_sync reads lane " + std::to_string(source) + ", which is not in the mask",
-          file, line);
-  return bits_to<T>(values[source]);
+  return shuffle_from(file, line, "__shfl_up_sync", mask, value,
+                      source >= lane - lane % width ? source : lane);
 }
 
 template <class T>
 T shfl_down_sync_at(const char* file, int line, unsigned mask, T value, unsigned delta,
                     int width = 32) {
-  const uint64_t* values = warp_exchange(mask, to_bits(value), "__shfl_down_sync", file, line);
   const int lane = lane_id();
   const int source = lane + static_cast<int>(delta);
-  if (source >= lane - lane % width + width) return value;
-  if (!((mask >> source) & 1u))
-    fault("__shfl_down_sync reads lane " + std::to_string(source) + ", which is not in the mask",
-          file, line);
-  return bits_to<T>(values[source]);
+  return shuffle_from(file, line, "__shfl_down_sync", mask, value,
+                      source < lane - lane % width + width ? source : lane);
 }
 
 inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu) {
