@@ -10,6 +10,7 @@ The schemas live in csrc/ops.cpp; argument checks in csrc/arguments.cpp.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from adaptfuse import _C  # noqa: F401  (defines the schemas)
+from adaptfuse import _C  # defines the schemas
 
 MERGE_TILE_ELEMENTS = 65536
 """Elements per tile of a merge record: offsets inside a tile fit in 16 bits."""
@@ -37,6 +38,30 @@ def _op(library: str, name: str):
     if library == "adaptfuse_emu":
         from adaptfuse import _emu  # noqa: F401  (registers torch.ops.adaptfuse_emu.*)
     return getattr(getattr(torch.ops, library), name).default
+
+
+KERNEL_FAMILIES = ("auto", "simple", "bgmv")
+"""shrink/expand kernel families of the CUDA dispatcher: "auto" (production), "simple" (the
+foundation's one-block-per-token kernels, the baseline) and "bgmv" (the decode kernels)."""
+
+
+@contextlib.contextmanager
+def kernel_family(name: str, *, library: str = "adaptfuse"):
+    """Within the block, the CUDA dispatcher of ``library`` uses only the named family of
+    shrink/expand kernels (process-wide: for benchmarks and tests, not for serving)."""
+    if name not in KERNEL_FAMILIES:
+        raise ValueError(f"unknown kernel family {name!r}; expected one of {KERNEL_FAMILIES}")
+    if library == "adaptfuse_emu":
+        from adaptfuse import _emu as module
+    elif library == "adaptfuse" and _C.cuda_built():
+        module = _C
+    else:
+        raise RuntimeError(f"kernel families exist only for CUDA kernels; {library!r} has none")
+    previous = module.kernel_family(name)
+    try:
+        yield
+    finally:
+        module.kernel_family(previous)
 
 
 class Plan(NamedTuple):

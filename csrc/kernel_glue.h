@@ -44,6 +44,13 @@ at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
   args.v = v.data_ptr<float>();
   args.v_row_stride = v.stride(0);
+  // From the caching allocator: graph-safe (a captured graph keeps its own pool).
+  const int64_t workspace_floats = shrink_workspace_floats(args);
+  at::Tensor workspace;
+  if (workspace_floats > 0) {
+    workspace = at::empty({workspace_floats}, x.options().dtype(at::kFloat));
+    args.workspace = workspace.data_ptr<float>();
+  }
   check_launch(launch_shrink(args, Backend::stream(x)), "shrink");
   return v;
 }

@@ -5,6 +5,9 @@
 #include <torch/library.h>
 
 #include "op_schemas.h"
+#ifdef ADAPTFUSE_WITH_CUDA
+#include "kernels/launchers.h"
+#endif
 
 TORCH_LIBRARY(adaptfuse, m) {
 #define ADAPTFUSE_DEFINE(schema) m.def(schema);
@@ -22,8 +25,27 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 #endif
 }
 
+#ifdef ADAPTFUSE_WITH_CUDA
+PyObject* kernel_family(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "|s", &name)) return nullptr;
+  const char* previous = adaptfuse::kernel_family_name(adaptfuse::kernel_family());
+  if (name != nullptr && !adaptfuse::set_kernel_family_by_name(name)) {
+    PyErr_Format(PyExc_ValueError,
+                 "unknown kernel family '%s'; expected 'auto', 'simple' or 'bgmv'", name);
+    return nullptr;
+  }
+  return PyUnicode_FromString(previous);
+}
+#endif
+
 PyMethodDef module_methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+#ifdef ADAPTFUSE_WITH_CUDA
+    {"kernel_family", kernel_family, METH_VARARGS,
+     "kernel_family([name]) -> the previous family: which shrink/expand kernels the dispatcher "
+     "uses ('auto', or 'simple'/'bgmv' for benchmarks and tests)."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_definition = {

@@ -1,4 +1,6 @@
 // The CUDA kernel sources, compiled as plain C++ against the emulator (ADAPTFUSE_EMU).
-#include "kernels/lora.cu"   // NOLINT(bugprone-suspicious-include)
-#include "kernels/merge.cu"  // NOLINT(bugprone-suspicious-include)
-#include "kernels/plan.cu"   // NOLINT(bugprone-suspicious-include)
+#include "kernels/bgmv.cu"           // NOLINT(bugprone-suspicious-include)
+#include "kernels/lora.cu"           // NOLINT(bugprone-suspicious-include)
+#include "kernels/lora_dispatch.cu"  // NOLINT(bugprone-suspicious-include)
+#include "kernels/merge.cu"          // NOLINT(bugprone-suspicious-include)
+#include "kernels/plan.cu"           // NOLINT(bugprone-suspicious-include)

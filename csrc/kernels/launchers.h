@@ -1,8 +1,5 @@
 // Host launchers of the CUDA kernels: raw pointers, sizes, strides and a stream in, a
 // cudaError_t out. No torch headers: csrc/cuda/ holds the torch-side glue.
-//
-// These are the foundation's simple kernels: correct for every shape, dtype and rank, and
-// the baseline that the BGMV/SGMV/merge kernels of later work are measured against.
 #pragma once
 
 #if defined(ADAPTFUSE_EMU)
@@ -20,9 +17,26 @@ namespace adaptfuse {
 
 cudaError_t launch_plan(const PlanArgs& args, cudaStream_t stream);
 
+// shrink and expand through the dispatcher (lora_dispatch.cu), which picks the kernels.
+// The caller allocates shrink's fp32 workspace of shrink_workspace_floats(args) elements.
 cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream);
-
+int64_t shrink_workspace_floats(const ShrinkArgs& args);
 cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream);
+
+// Which kernels the dispatcher uses: kAuto in production; the others for benchmarks and
+// tests that measure or check one family on its own.
+enum class KernelFamily : int { kAuto = 0, kSimple = 1, kBgmv = 2 };
+void set_kernel_family(KernelFamily family);
+KernelFamily kernel_family();
+const char* kernel_family_name(KernelFamily family);  // "auto", "simple", "bgmv"
+bool set_kernel_family_by_name(const char* name);     // false for an unknown name
+
+// The families themselves.
+cudaError_t launch_shrink_simple(const ShrinkArgs& args, cudaStream_t stream);
+cudaError_t launch_expand_simple(const ExpandArgs& args, cudaStream_t stream);
+cudaError_t launch_shrink_bgmv(const ShrinkArgs& args, cudaStream_t stream);
+int64_t bgmv_shrink_workspace_floats(const ShrinkArgs& args);
+cudaError_t launch_expand_bgmv(const ExpandArgs& args, cudaStream_t stream);
 
 // Pass 1 (W untouched): per tile, the number of record entries, of escapes and of elements
 // that would turn non-finite. tile_stats: int32 [num_tiles, 3].

@@ -67,7 +67,7 @@ __global__ void expand_kernel(ExpandArgs args) {
 
 }  // namespace
 
-cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream) {
+cudaError_t launch_shrink_simple(const ShrinkArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.max_rank == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
   AF_FORMAT_SWITCH(args.x_dtype, XFormat, AF_FORMAT_SWITCH(args.a_dtype, AFormat, {
@@ -78,7 +78,7 @@ cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream) {
   return status;
 }
 
-cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream) {
+cudaError_t launch_expand_simple(const ExpandArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.num_slices == 0) return cudaSuccess;
   int64_t widest = 0;
   for (int i = 0; i < args.num_slices; ++i) {

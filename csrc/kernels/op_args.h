@@ -32,6 +32,7 @@ struct ShrinkArgs {
   const int32_t* token_slots;  // [T]
   float* v;                    // [T, R_max], inner stride 1
   int64_t v_row_stride;
+  float* workspace;  // shrink_workspace_floats(args) floats, or null when that is 0
 };
 // expand: y[t, off_i + o] += sum_k v[t, col_i + k] * B_i[s, k, o], k < ranks[s], per slice i.
 constexpr int kMaxExpandSlices = 8;

@@ -1,0 +1,273 @@
+"""Kernel benchmark: BGMV (decode) shrink + expand against the byte bound, the foundation's
+simple kernels and a torch gather + bmm baseline, side by side in one run.
+
+For every shape (H_in/H_out), rank, token count and adapter popularity it reports the
+effective bandwidth over the bytes the launch must move (each used adapter row read once,
+x read, v written, y read and written) as a fraction of the device-to-device copy bandwidth
+measured in the same run (DESIGN.md target: >= 0.80 for launches reading >= 4 MB; smaller
+launches <= 1.5 x (empty-launch time + byte bound)).
+
+    python benchmarks/bench_kernels.py --device cuda            # the issue's full sweep
+    python benchmarks/bench_kernels.py --device cpu --quick     # CPU ops vs gather + bmm
+
+On CPU there are no kernel families: the CPU ops are timed against gather + bmm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+import torch
+from common import interleaved_medians, table, write_result
+
+import adaptfuse
+from adaptfuse import ops
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DECODE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+RANKS = [8, 16, 64, 128]
+TOKENS = [1, 4, 16, 64, 256]
+POPULARITY = ["distinct", "identical", "zipf"]
+LARGE_LAUNCH_BYTES = 4 << 20
+
+
+def slots_for(popularity: str, tokens: int, gen: torch.Generator) -> torch.Tensor:
+    if popularity == "identical":
+        return torch.zeros(tokens, dtype=torch.int32)
+    if popularity == "distinct":
+        return torch.arange(tokens, dtype=torch.int32)
+    weights = 1.0 / torch.arange(1, tokens + 1, dtype=torch.float64) ** 1.5
+    return torch.multinomial(weights, tokens, True, generator=gen).to(torch.int32)
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes read plus bytes written per second of a large device-to-device copy."""
+    size = (512 << 20) if device.startswith("cuda") else (64 << 20)
+    source = torch.empty(size, dtype=torch.uint8, device=device).random_()
+    target = torch.empty_like(source)
+    timing = interleaved_medians({"copy": lambda: target.copy_(source)}, repeats, device)
+    return 2 * size / (timing["copy"]["median_us"] * 1e-6)
+
+
+def empty_launch_us(device: str, repeats: int) -> float:
+    if not device.startswith("cuda"):
+        return 0.0
+    tiny = torch.zeros(1, device=device)
+    return interleaved_medians({"empty": lambda: tiny.add_(0)}, repeats, device)["empty"][
+        "median_us"
+    ]
+
+
+def decode_case(h_in, h_out, rank, tokens, popularity, dtype, device, repeats, gen, families):
+    slots = slots_for(popularity, tokens, gen)
+    used = int(slots.max()) + 1
+    element = torch.finfo(dtype).bits // 8
+    x = torch.randn(tokens, h_in, generator=gen).to(dtype).to(device)
+    y = torch.randn(tokens, h_out, generator=gen).to(dtype).to(device)
+    A = (torch.randn(used, rank, h_in, generator=gen) * h_in**-0.5).to(dtype).to(device)
+    B = (torch.randn(used, rank, h_out, generator=gen) * rank**-0.5).to(dtype).to(device)
+    ranks = torch.full((used,), rank, dtype=torch.int32, device=device)
+    scales = torch.ones(used, device=device)
+    token_slots = slots.to(device)
+    plan = ops.plan(token_slots, used)
+    distinct = int(torch.unique(slots).numel())
+    # The fewest bytes: each used adapter row once, x once, v written and read once (fp32),
+    # y read and written once.
+    shrink_bytes = distinct * rank * h_in * element + tokens * h_in * element + tokens * rank * 4
+    expand_bytes = (
+        distinct * rank * h_out * element + tokens * rank * 4 + 2 * tokens * h_out * element
+    )
+    long_slots = token_slots.long()
+
+    def adaptfuse_step():
+        v = ops.shrink(x, A, ranks, scales, plan)
+        ops.expand_(y, v, [B], [0], ranks, plan)
+
+    def gather_bmm():
+        # The naive batched form: gather each token's adapter, then two bmm's.
+        v = torch.bmm(A[long_slots].float(), x.float().unsqueeze(2)).squeeze(2)
+        y.add_(torch.bmm(v.unsqueeze(1), B[long_slots].float()).squeeze(1).to(dtype))
+
+    candidates = {}
+    for family in families:
+        candidates[family] = family_step(family, adaptfuse_step)
+    candidates["gather_bmm"] = gather_bmm
+    timings = interleaved_medians(candidates, repeats, device)
+    return {
+        "h_in": h_in,
+        "h_out": h_out,
+        "rank": rank,
+        "tokens": tokens,
+        "popularity": popularity,
+        "distinct_adapters": distinct,
+        "bytes": shrink_bytes + expand_bytes,
+        "timings": timings,
+    }
+
+
+def family_step(family: str, step):
+    if family == "cpu":
+        return step
+
+    def run():
+        with ops.kernel_family(family):
+            step()
+
+    return run
+
+
+def plot(rows, copy_bw, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["h_in"], r["h_out"]) for r in rows})
+    figure, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
+    for axis, shape in zip(axes[0], shapes, strict=True):
+        for name in rows[0]["timings"]:
+            for popularity, marker in zip(POPULARITY, "os^", strict=True):
+                picked = [
+                    r
+                    for r in rows
+                    if (r["h_in"], r["h_out"]) == shape and r["popularity"] == popularity
+                ]
+                if not picked:
+                    continue
+                xs = [r["tokens"] * r["rank"] for r in picked]
+                fractions = [
+                    r["bytes"] / (r["timings"][name]["median_us"] * 1e-6) / copy_bw for r in picked
+                ]
+                axis.scatter(xs, fractions, marker=marker, s=14, label=f"{name} {popularity}")
+        axis.set_xscale("log")
+        axis.set_title(f"H_in {shape[0]} / H_out {shape[1]}")
+        axis.set_xlabel("tokens x rank")
+        axis.set_ylabel("fraction of copy bandwidth")
+        axis.axhline(0.8, color="grey", linewidth=0.8, linestyle="--")
+    axes[0][0].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def run(args) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    on_gpu = device.startswith("cuda")
+    families = ["bgmv", "simple"] if on_gpu else ["cpu"]
+    shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
+    ranks = [16, 64] if args.quick else RANKS
+    tokens = [1, 16, 64] if args.quick else TOKENS
+    copy_bw = copy_bandwidth(device, args.repeats)
+    launch_us = empty_launch_us(device, args.repeats)
+    rows = []
+    cases = [
+        (shape, rank, count, popularity)
+        for shape in shapes
+        for rank in ranks
+        for count in tokens
+        for popularity in POPULARITY
+        if not (count == 1 and popularity == "zipf")  # one token: zipf is "distinct"
+    ]
+    try:
+        from tqdm import tqdm
+
+        cases = tqdm(cases, desc="decode cases")
+    except ImportError:
+        pass
+    for (h_in, h_out), rank, count, popularity in cases:
+        rows.append(
+            decode_case(
+                h_in, h_out, rank, count, popularity, dtype, device, args.repeats, gen, families
+            )
+        )
+    summary = []
+    for row in rows:
+        best = families[0]
+        seconds = row["timings"][best]["median_us"] * 1e-6
+        fraction = row["bytes"] / seconds / copy_bw
+        bound_us = row["bytes"] / copy_bw * 1e6
+        row["fraction_of_copy_bandwidth"] = fraction
+        row["ratio_to_gather_bmm"] = (
+            row["timings"][best]["median_us"] / row["timings"]["gather_bmm"]["median_us"]
+        )
+        if on_gpu:
+            row["ratio_to_simple"] = (
+                row["timings"][best]["median_us"] / row["timings"]["simple"]["median_us"]
+            )
+        if row["bytes"] >= LARGE_LAUNCH_BYTES:
+            row["meets_target"] = fraction >= 0.80
+        else:
+            row["meets_target"] = row["timings"][best]["median_us"] <= 1.5 * (launch_us + bound_us)
+        summary.append(row)
+    return {
+        "setup": {
+            "device": device,
+            "dtype": args.dtype,
+            "families": families,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+        },
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "empty_launch_us": launch_us,
+        "decode": summary,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if adaptfuse.cuda_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=DTYPES)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not adaptfuse.cuda_available():
+        raise SystemExit("bench_kernels: --device cuda needs a GPU and the CUDA build")
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    args.repeats = args.repeats or (25 if on_gpu else 7)
+    result = run(args)
+    path = write_result(f"kernels_{args.dtype}", args.device, result, args.out_dir)
+    with contextlib.suppress(ImportError):
+        plot(result["decode"], result["copy_bandwidth_bytes_per_s"], path.replace(".json", ".png"))
+    best = result["setup"]["families"][0]
+    rows = [
+        (
+            f"{r['h_in']}/{r['h_out']}",
+            r["rank"],
+            r["tokens"],
+            r["popularity"],
+            f"{r['bytes'] / 2**20:.1f}",
+            f"{r['timings'][best]['median_us']:.1f}",
+            f"{r['fraction_of_copy_bandwidth']:.2f}",
+            f"{r['ratio_to_gather_bmm']:.2f}",
+            "yes" if r["meets_target"] else "NO",
+        )
+        for r in result["decode"]
+    ]
+    header = [
+        "H_in/H_out",
+        "r",
+        "T",
+        "popularity",
+        "MiB",
+        f"{best} us",
+        "bw frac",
+        "/bmm",
+        "target",
+    ]
+    print(table(rows, header))
+    print(
+        f"copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+        f"empty launch {result['empty_launch_us']:.1f} us; wrote {path}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_MININTERVAL", "2")
+    main()
