@@ -36,7 +36,7 @@ def _op(library: str, name: str):
     if library not in LIBRARIES:
         raise ValueError(f"unknown op library {library!r}; expected one of {LIBRARIES}")
     if library == "adaptfuse_emu":
-        from adaptfuse import _emu  # noqa: F401  (registers torch.ops.adaptfuse_emu.*)
+        _load_emulator()
     return getattr(getattr(torch.ops, library), name).default
 
 
@@ -62,6 +62,24 @@ def kernel_family(name: str, *, library: str = "adaptfuse"):
         yield
     finally:
         module.kernel_family(previous)
+
+
+_EMULATOR_READY = False
+
+
+def _load_emulator() -> None:
+    """Imports adaptfuse._emu (torch.ops.adaptfuse_emu.*) and gives it the same fake impls and
+    autograd formulas as the adaptfuse library."""
+    global _EMULATOR_READY
+    if _EMULATOR_READY:
+        return
+    from adaptfuse import _emu  # noqa: F401
+
+    _EMULATOR_READY = True
+    for name in ("plan", "shrink", "expand_", "expand", "segment_outer", "merge_", "unmerge_"):
+        fake = _FAKES[name]
+        torch.library.register_fake(f"adaptfuse_emu::{name}", fake)
+    _register_autograd("adaptfuse_emu")
 
 
 class Plan(NamedTuple):
@@ -135,6 +153,44 @@ def expand_(
         plan.slot_offsets,
     )
     return y
+
+
+def expand(
+    v: torch.Tensor,
+    B: Sequence[torch.Tensor],
+    out_offsets: Sequence[int],
+    h_out: int,
+    ranks: torch.Tensor,
+    plan: Plan,
+    *,
+    library: str = "adaptfuse",
+) -> torch.Tensor:
+    """Functional expand (training): a new fp32 ``[T, h_out]`` tensor holding zero plus what
+    expand_ would add. Differentiable in v and B (autograd registered below)."""
+    return _op(library, "expand")(
+        v,
+        list(B),
+        list(out_offsets),
+        h_out,
+        ranks,
+        plan.token_slots,
+        plan.token_order,
+        plan.slot_offsets,
+    )
+
+
+def segment_outer(
+    a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, plan: Plan, *, library: str = "adaptfuse"
+) -> torch.Tensor:
+    """fp32 ``[S, R, H]``: ``out[s, k] = sum over the tokens t of slot s of a[t, k] * b[t]`` for
+    ``k < ranks[s]``, zero elsewhere; summed in the plan's token order (deterministic).
+
+    a: fp32 [T, R]; b: [T, H]. The adapters' weight gradients are segmented reductions of
+    this form: ``dB = segment_outer(v, dy)``, ``dA = segment_outer(scale * dv, x)``.
+    """
+    return _op(library, "segment_outer")(
+        a, b, ranks, plan.token_slots, plan.token_order, plan.slot_offsets
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,22 +271,18 @@ def unmerge_(
 # Fake implementations: shapes and dtypes only, for torch.compile and opcheck.
 
 
-@torch.library.register_fake("adaptfuse::plan")
 def _plan_fake(token_slots, num_slots):
     return token_slots.new_empty(token_slots.shape), token_slots.new_empty((num_slots + 1,))
 
 
-@torch.library.register_fake("adaptfuse::shrink")
 def _shrink_fake(x, A, ranks, scales, token_slots, token_order, slot_offsets):
     return x.new_empty((x.shape[0], A.shape[1]), dtype=torch.float32)
 
 
-@torch.library.register_fake("adaptfuse::expand_")
 def _expand_fake(y, v, B, out_offsets, ranks, token_slots, token_order, slot_offsets):
     return None
 
 
-@torch.library.register_fake("adaptfuse::merge_")
 def _merge_fake(W, A, B, coefficients):
     # The record's length depends on the data: declare it as such, never guess it.
     ctx = torch.library.get_ctx()
@@ -245,6 +297,106 @@ def _merge_fake(W, A, B, coefficients):
     )
 
 
-@torch.library.register_fake("adaptfuse::unmerge_")
 def _unmerge_fake(W, A, B, coefficients, tile_counts, offsets, corrections, escape_bits):
     return None
+
+
+def _expand_functional_fake(
+    v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets
+):
+    return v.new_empty((v.shape[0], h_out), dtype=torch.float32)
+
+
+def _segment_outer_fake(a, b, ranks, token_slots, token_order, slot_offsets):
+    return a.new_empty((ranks.shape[0], a.shape[1], b.shape[1]), dtype=torch.float32)
+
+
+_FAKES = {
+    "plan": _plan_fake,
+    "shrink": _shrink_fake,
+    "expand_": _expand_fake,
+    "merge_": _merge_fake,
+    "unmerge_": _unmerge_fake,
+    "expand": _expand_functional_fake,
+    "segment_outer": _segment_outer_fake,
+}
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"adaptfuse::{_name}", _fake)
+
+
+# Autograd of the functional ops (training). The backward is the same ops with the banks
+# swapped (DESIGN.md): for v = scale * x A^T, dx = expand(scale * dv, A) and
+# dA = segment_outer(scale * dv, x); for y = v B, dv = shrink(dy, B) and dB = segment_outer(v, dy).
+
+
+def _token_scales(scales: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """scales[slot of t], 0 for tokens without a slot (a gather: no host synchronisation)."""
+    has_slot = token_slots >= 0
+    return torch.where(has_slot, scales[token_slots.clamp(min=0).long()], 0.0)
+
+
+def _register_autograd(library: str) -> None:
+    def shrink_setup(ctx, inputs, output):
+        x, A, ranks, scales, token_slots, token_order, slot_offsets = inputs
+        ctx.save_for_backward(x, A, ranks, scales, token_slots, token_order, slot_offsets)
+
+    def shrink_backward(ctx, grad_v):
+        x, A, ranks, scales, token_slots, token_order, slot_offsets = ctx.saved_tensors
+        plan = Plan(token_slots, token_order, slot_offsets)
+        scaled = (grad_v * _token_scales(scales, token_slots)[:, None]).contiguous()
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = expand(scaled, [A], [0], A.shape[2], ranks, plan, library=library)
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_A = segment_outer(scaled, x, ranks, plan, library=library).to(A.dtype)
+        return grad_x, grad_A, None, None, None, None, None
+
+    def expand_setup(ctx, inputs, output):
+        v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets = inputs
+        ctx.out_offsets = list(out_offsets)
+        ctx.num_slices = len(B)
+        ctx.save_for_backward(v, ranks, token_slots, token_order, slot_offsets, *B)
+
+    def expand_backward(ctx, grad_y):
+        v, ranks, token_slots, token_order, slot_offsets, *B = ctx.saved_tensors
+        plan = Plan(token_slots, token_order, slot_offsets)
+        ones = torch.ones_like(ranks, dtype=torch.float32)
+        grad_y = grad_y.float()
+        grad_v = torch.zeros_like(v) if ctx.needs_input_grad[0] else None
+        grad_B = []
+        column = 0
+        for slice_B, offset in zip(B, ctx.out_offsets, strict=True):
+            capacity, width = slice_B.shape[1], slice_B.shape[2]
+            slice_ranks = ranks.clamp(max=capacity)
+            dy = grad_y[:, offset : offset + width]
+            if grad_v is not None:
+                grad_v[:, column : column + capacity] = shrink(
+                    dy, slice_B, slice_ranks, ones, plan, library=library
+                )
+            if ctx.needs_input_grad[1]:
+                v_slice = v[:, column : column + capacity].contiguous()
+                grad_B.append(
+                    segment_outer(v_slice, dy, slice_ranks, plan, library=library).to(slice_B.dtype)
+                )
+            column += capacity
+        return (
+            grad_v,
+            grad_B if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        f"{library}::shrink", shrink_backward, setup_context=shrink_setup
+    )
+    torch.library.register_autograd(
+        f"{library}::expand", expand_backward, setup_context=expand_setup
+    )
+
+
+_register_autograd("adaptfuse")

@@ -94,3 +94,21 @@ def merge(
 ) -> torch.Tensor:
     """A new tensor: W + delta computed in float64, rounded once into W's dtype."""
     return (W.double() + merge_delta(A, B, coefficients)).to(W.dtype)
+
+
+def segment_outer(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """[S, R, H]: out[s, k] = sum over the tokens t of slot s of a[t, k] * b[t], k < rank(s)."""
+    num_slots, max_rank = ranks.shape[0], a.shape[1]
+    out = torch.zeros(num_slots, max_rank, b.shape[1], dtype=dtype, device=a.device)
+    for slot in range(num_slots):
+        rows = (token_slots == slot).nonzero().flatten()
+        rank = min(int(ranks[slot]), max_rank)
+        if rows.numel() and rank:
+            out[slot, :rank] = a[rows, :rank].to(dtype).T @ b[rows].to(dtype)
+    return out

@@ -292,6 +292,42 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   return args;
 }
 
+SegmentOuterArgs segment_outer_arguments(const at::Tensor& a, const at::Tensor& b,
+                                         const at::Tensor& ranks, const at::Tensor& token_slots,
+                                         const at::Tensor& token_order,
+                                         const at::Tensor& slot_offsets) {
+  const char* op = "segment_outer";
+  SegmentOuterArgs args{};
+  check_dtype(op, "a", a, at::kFloat);
+  check_dim(op, "a", a, 2, "[T, R]");
+  check_unit_inner_stride(op, "a", a);
+  args.b_dtype = kernel_dtype(op, "b", b);
+  check_dim(op, "b", b, 2, "[T, H]");
+  check_same_device(op, "b", b, "a", a);
+  check_unit_inner_stride(op, "b", b);
+  check_size(op, "b", b, 0, a.size(0), "T, the number of tokens of 'a'");
+  check_defined(op, "ranks", ranks);
+  check_dim(op, "ranks", ranks, 1, "[S]");
+  const int64_t num_slots = ranks.size(0);
+  check_table(op, "ranks", ranks, at::kInt, num_slots, "[S]", "a", a);
+  check_table(op, "token_slots", token_slots, at::kInt, a.size(0), "[T]", "a", a);
+  check_token_slot_values(op, token_slots, num_slots);
+  check_plan(op, token_slots, token_order, slot_offsets, num_slots);
+  check_rank_values(op, ranks, a.size(1), "R, the columns of 'a'");
+  args.a = a.data_ptr<float>();
+  args.a_row_stride = a.stride(0);
+  args.b = b.data_ptr();
+  args.b_row_stride = b.stride(0);
+  args.num_slots = num_slots;
+  args.max_rank = a.size(1);
+  args.h = b.size(1);
+  args.num_tokens = a.size(0);
+  args.ranks = ranks.data_ptr<int32_t>();
+  args.token_order = token_order.data_ptr<int32_t>();
+  args.slot_offsets = slot_offsets.data_ptr<int32_t>();
+  return args;
+}
+
 MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a, at::TensorList b,
                           c10::ArrayRef<double> coefficients) {
   MergeArgs args{};

@@ -29,6 +29,11 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
                             const at::Tensor& token_slots, const at::Tensor& token_order,
                             const at::Tensor& slot_offsets);
 
+SegmentOuterArgs segment_outer_arguments(const at::Tensor& a, const at::Tensor& b,
+                                         const at::Tensor& ranks, const at::Tensor& token_slots,
+                                         const at::Tensor& token_order,
+                                         const at::Tensor& slot_offsets);
+
 MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a, at::TensorList b,
                           c10::ArrayRef<double> coefficients);
 

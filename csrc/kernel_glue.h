@@ -65,6 +65,19 @@ void expand_op(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
   check_launch(launch_expand(args, Backend::stream(y)), "expand_");
 }
 
+template <class Backend>
+at::Tensor segment_outer_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ranks,
+                            const at::Tensor& token_slots, const at::Tensor& token_order,
+                            const at::Tensor& slot_offsets) {
+  SegmentOuterArgs args =
+      segment_outer_arguments(a, b, ranks, token_slots, token_order, slot_offsets);
+  const typename Backend::Guard guard(a);
+  at::Tensor out = at::zeros({args.num_slots, args.max_rank, args.h}, a.options());
+  args.out = out.data_ptr<float>();
+  check_launch(launch_segment_outer(args, Backend::stream(a)), "segment_outer");
+  return out;
+}
+
 // Per-tile starts (exclusive prefix sums) of entries and escapes, on W's device.
 inline std::pair<at::Tensor, at::Tensor> tile_starts(const at::Tensor& host_counts, int64_t columns,
                                                      const at::Tensor& device_like) {

@@ -15,6 +15,14 @@
   DEFINE(                                                                                         \
       "expand_(Tensor(a!) y, Tensor v, Tensor[] B, int[] out_offsets, Tensor ranks, "             \
       "Tensor token_slots, Tensor token_order, Tensor slot_offsets) -> ()")                       \
+  /* Functional expand (training): fp32 [T, h_out], zero plus expand_ of every slice. */          \
+  DEFINE(                                                                                         \
+      "expand(Tensor v, Tensor[] B, int[] out_offsets, int h_out, Tensor ranks, "                 \
+      "Tensor token_slots, Tensor token_order, Tensor slot_offsets) -> Tensor")                   \
+  /* fp32 [S, R, H]: out[s, k] = sum over slot s's tokens t of a[t, k] * b[t] (k < rank(s)). */   \
+  DEFINE(                                                                                         \
+      "segment_outer(Tensor a, Tensor b, Tensor ranks, Tensor token_slots, Tensor token_order, "  \
+      "Tensor slot_offsets) -> Tensor")                                                           \
   /* W += sum_i coefficients[i] * B_i^T @ A_i; returns the exact-restore record. */               \
   DEFINE(                                                                                         \
       "merge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients) -> "                    \

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "composite.h"
 #include "op_schemas.h"
 #ifdef ADAPTFUSE_WITH_CUDA
 #include "kernels/launchers.h"
@@ -13,6 +14,14 @@ TORCH_LIBRARY(adaptfuse, m) {
 #define ADAPTFUSE_DEFINE(schema) m.def(schema);
   ADAPTFUSE_OP_SCHEMAS(ADAPTFUSE_DEFINE)
 #undef ADAPTFUSE_DEFINE
+}
+
+namespace adaptfuse {
+constexpr char kLibraryName[] = "adaptfuse";
+}  // namespace adaptfuse
+
+TORCH_LIBRARY_IMPL(adaptfuse, CompositeExplicitAutograd, m) {
+  m.impl("expand", &adaptfuse::expand_functional<adaptfuse::kLibraryName>);
 }
 
 namespace {

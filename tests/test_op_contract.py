@@ -405,6 +405,9 @@ def opcheck_samples(device):
             *plan,
         ),
     )
+    yield lib.expand.default, (v, [d["B"]], [0], 5, d["ranks"], *plan)
+    yield lib.segment_outer.default, (v, d["x"], d["ranks"], *plan)
+    yield lib.segment_outer.default, (v, bf["y"], d["ranks"], *plan)
     W = torch.randn(5, 10, device=device)
     A, B = [d["A"][0]], [d["B"][0]]
     yield lib.merge_.default, (W.clone(), A, B, [0.5])

@@ -24,6 +24,7 @@ TORCH_LIBRARY_IMPL(adaptfuse, CUDA, m) {
   m.impl("plan", &plan_op<CudaBackend>);
   m.impl("shrink", &shrink_op<CudaBackend>);
   m.impl("expand_", &expand_op<CudaBackend>);
+  m.impl("segment_outer", &segment_outer_op<CudaBackend>);
   m.impl("merge_", &merge_op<CudaBackend>);
   m.impl("unmerge_", &unmerge_op<CudaBackend>);
 }

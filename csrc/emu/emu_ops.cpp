@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "composite.h"
 #include "kernel_glue.h"
 #include "op_schemas.h"
 
@@ -67,10 +68,17 @@ TORCH_LIBRARY(adaptfuse_emu, m) {
 #undef ADAPTFUSE_DEFINE
 }
 
+constexpr char kLibraryName[] = "adaptfuse_emu";
+
+TORCH_LIBRARY_IMPL(adaptfuse_emu, CompositeExplicitAutograd, m) {
+  m.impl("expand", &expand_functional<kLibraryName>);
+}
+
 TORCH_LIBRARY_IMPL(adaptfuse_emu, CPU, m) {
   m.impl("plan", &plan_op<EmuBackend>);
   m.impl("shrink", &shrink_op<EmuBackend>);
   m.impl("expand_", &expand_op<EmuBackend>);
+  m.impl("segment_outer", &segment_outer_op<EmuBackend>);
   m.impl("merge_", &merge_op<EmuBackend>);
   m.impl("unmerge_", &unmerge_op<EmuBackend>);
 }

@@ -38,6 +38,9 @@ cudaError_t launch_shrink_bgmv(const ShrinkArgs& args, cudaStream_t stream);
 int64_t bgmv_shrink_workspace_floats(const ShrinkArgs& args);
 cudaError_t launch_expand_bgmv(const ExpandArgs& args, cudaStream_t stream);
 
+// Weight gradients: out (zero-filled by the caller) gets each slot's sum of outer products.
+cudaError_t launch_segment_outer(const SegmentOuterArgs& args, cudaStream_t stream);
+
 // Pass 1 (W untouched): per tile, the number of record entries, of escapes and of elements
 // that would turn non-finite. tile_stats: int32 [num_tiles, 3].
 cudaError_t launch_merge_count(const MergeArgs& args, int32_t* tile_stats, cudaStream_t stream);

@@ -54,4 +54,19 @@ struct ExpandArgs {
   int num_slices;
   ExpandSlice slices[kMaxExpandSlices];
 };
+// segment_outer: out[s, k, :] = sum over the tokens t of slot s, in token order, of
+// a[t, k] * b[t, :], for k < ranks[s]; zero elsewhere. The weight gradients of the adapters:
+// dB = segment_outer(v, dy), dA = segment_outer(scale * dv, x).
+struct SegmentOuterArgs {
+  const float* a;  // [T, R], inner stride 1
+  int64_t a_row_stride;
+  const void* b;  // [T, H], inner stride 1
+  int64_t b_row_stride;
+  DType b_dtype;
+  int64_t num_slots, max_rank, h, num_tokens;
+  const int32_t* ranks;         // [S]
+  const int32_t* token_order;   // [T]
+  const int32_t* slot_offsets;  // [S + 1]
+  float* out;                   // [S, R, H], contiguous, zero-filled by the caller
+};
 }  // namespace adaptfuse
