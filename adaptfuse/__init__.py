@@ -11,6 +11,7 @@ from adaptfuse.adapters import AdapterError
 from adaptfuse.manager import AdapterManager
 from adaptfuse.ops import MergeRecord
 from adaptfuse.patch import manager_of, patch, unpatch
+from adaptfuse.training import per_adapter_loss
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,6 @@ __all__ = [
     "manager_of",
     "ops",
     "patch",
+    "per_adapter_loss",
     "unpatch",
 ]

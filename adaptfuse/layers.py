@@ -93,6 +93,11 @@ class LoraLayer(nn.Module):
         )
         self._slot_ranks: dict[int, int] = {}  # host mirror of lora_ranks (no device reads)
         self.active_slots = 0  # slots with a non-zero rank in this layer
+        # Trainable adapters (adaptfuse.training): fp32 banks of the same layout, allocated on
+        # the first one; slot -> (A [r, H_in], B [H_out, r] parameters, lora_dropout).
+        self.train_A: Optional[torch.Tensor] = None
+        self.train_B: Optional[torch.Tensor] = None
+        self.trainable: dict[int, tuple[nn.Parameter, nn.Parameter, float]] = {}
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as [H_out, H_in] (a transposed view for GPT-2's Conv1D)."""
@@ -128,10 +133,54 @@ class LoraLayer(nn.Module):
             self._slot_ranks[slot] = rank
         self.active_slots += int(self._slot_ranks[slot] > 0) - int(was_active)
 
+    def attach_trainable(
+        self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: float
+    ) -> tuple[nn.Parameter, nn.Parameter]:
+        """Puts a trainable adapter (A [r, H_in], B [r, H_out], fp32) in a slot of the fp32
+        banks; returns its parameters: views of the banks in PEFT's shapes."""
+        num_slots, max_rank = self.lora_A.shape[:2]
+        device = self.lora_A.device
+        if self.train_A is None:
+            self.train_A = torch.zeros(num_slots, max_rank, self.in_features, device=device)
+            self.train_B = torch.zeros(num_slots, max_rank, self.out_features, device=device)
+            self.train_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+            self.train_scales = torch.zeros(num_slots, device=device)
+            self.train_dropout = torch.zeros(num_slots, device=device)
+        rank = A.shape[0]
+        self.train_A[slot, :rank].copy_(A)
+        self.train_B[slot, :rank].copy_(B)
+        self.train_ranks[slot] = rank
+        self.train_scales[slot] = scale
+        self.train_dropout[slot] = dropout
+        parameters = (
+            nn.Parameter(self.train_A[slot, :rank]),
+            nn.Parameter(self.train_B[slot, :rank].t()),
+        )
+        self.trainable[slot] = (*parameters, dropout)
+        return parameters
+
+    def detach_trainable(self, slot: int) -> None:
+        if self.trainable.pop(slot, None) is not None:
+            self.train_ranks[slot] = 0
+
+    def _trainable_delta(self, tokens: torch.Tensor, plan: ops.Plan) -> torch.Tensor:
+        """fp32 [T, H_out]: the trainable adapters' part, differentiable in their parameters."""
+        from adaptfuse.training import trainable_banks
+
+        bank_A, bank_B = trainable_banks(self)
+        if self.training and any(dropout > 0 for _, _, dropout in self.trainable.values()):
+            # PEFT's lora_dropout, per adapter: each token's rate is its adapter's.
+            slots = plan.token_slots
+            rate = torch.where(slots >= 0, self.train_dropout[slots.clamp(min=0).long()], 0.0)
+            keep = torch.rand(tokens.shape, device=tokens.device) >= rate[:, None]
+            tokens = tokens.float() * keep / (1.0 - rate[:, None])
+        v = ops.shrink(tokens, bank_A, self.train_ranks, self.train_scales, plan)
+        return ops.expand(v, [bank_B], [0], self.out_features, self.train_ranks, plan)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         plans = current_plan.get()
-        if plans is None or self.active_slots == 0:
+        if plans is None or (self.active_slots == 0 and not self.trainable):
             return y
         tokens = x.reshape(-1, self.in_features)
         if tokens.shape[0] != plans.num_tokens:
@@ -141,7 +190,17 @@ class LoraLayer(nn.Module):
                 "(adapter_names apply to inputs shaped [batch, sequence])"
             )
         plan = plans.on(x.device)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if self.trainable:
+            # PEFT adds the fp32 adapter output to the base output and casts back once.
+            y = self._frozen_part(x, y, tokens, plan)
+            delta = self._trainable_delta(tokens, plan)
+            return (y + delta.view(y.shape)).to(y.dtype)
+        return self._frozen_part(x, y, tokens, plan)
+
+    def _frozen_part(self, x, y, tokens, plan):
+        if self.active_slots == 0:
+            return y
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
             # Frozen adapters in a forward with gradients: an ordinary forward, whose
             # activations get the adapters' part of their gradient (the adapters get none).
             delta = _FrozenLoraDelta.apply(

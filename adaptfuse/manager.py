@@ -10,8 +10,24 @@ import torch
 from torch import nn
 
 from adaptfuse import ops
-from adaptfuse.adapters import BASE_NAME, AdapterError, LoraAdapter, read_peft_adapter
+from adaptfuse.adapters import (
+    BASE_NAME,
+    KEY_PREFIX,
+    AdapterError,
+    LoraAdapter,
+    LoraWeights,
+    read_peft_adapter,
+)
 from adaptfuse.layers import BatchPlans, LoraLayer
+from adaptfuse.training import (
+    TrainableAdapter,
+    TrainableLayer,
+    lora_scale,
+    pattern_value,
+    read_training_options,
+    save_peft_folder,
+    select_layers,
+)
 
 
 class AdapterManager:
@@ -39,6 +55,7 @@ class AdapterManager:
         self._changed = threading.Condition(threading.Lock())
         # The merge in effect: {name: weight} and, per merged layer, what unmerge needs.
         self.merged: Optional[dict[str, float]] = None
+        self._trainable: dict[str, TrainableAdapter] = {}
         self._merge_records: list[tuple[str, list, list, list, ops.MergeRecord]] = []
 
     @property
@@ -50,10 +67,7 @@ class AdapterManager:
     def device(self) -> torch.device:
         return next(iter(self.layers.values())).lora_A.device
 
-    def load_adapter(self, path: str, adapter_name: Optional[str] = None) -> str:
-        """Registers a PEFT LoRA folder under adapter_name (default: the folder's name).
-        Everything is read and validated before anything changes."""
-        name = adapter_name if adapter_name is not None else path.rstrip("/").split("/")[-1]
+    def _check_new_name(self, name) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
         if name == BASE_NAME:
@@ -65,10 +79,25 @@ class AdapterManager:
                 f"an adapter named {name!r} is already loaded (from {self._registry[name].path}); "
                 "unload it first or choose another name"
             )
+
+    def load_adapter(
+        self, path: str, adapter_name: Optional[str] = None, trainable: bool = False
+    ) -> str:
+        """Registers a PEFT LoRA folder under adapter_name (default: the folder's name).
+        Everything is read and validated before anything changes. trainable=True resumes
+        training it (fp32 parameters, see add_adapter)."""
+        name = adapter_name if adapter_name is not None else path.rstrip("/").split("/")[-1]
+        self._check_new_name(name)
         shapes = {
             path_: (layer.in_features, layer.out_features) for path_, layer in self.layers.items()
         }
         first = next(iter(self.layers.values())).lora_A
+        if trainable:
+            adapter = read_peft_adapter(path, name, shapes, self.max_rank, torch.float32)
+            options = read_training_options(path)
+            weights = {p: (w.A, w.B, w.scale) for p, w in adapter.layers.items()}
+            self._add_trainable(name, path, weights, **options)
+            return name
         adapter = read_peft_adapter(path, name, shapes, self.max_rank, first.dtype)
         if first.device.type == "cuda":  # pinned host copies: slot writes are real async copies
             for weights in adapter.layers.values():
@@ -88,6 +117,7 @@ class AdapterManager:
                 raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
             if self.merged is not None and name in self.merged:
                 raise ValueError(f"{name!r} is merged into the base weights; call unmerge() first")
+            self._refuse_trainable(name, "unload")
             self._changed.wait_for(lambda: self._pins[name] == 0)
             slot = self._slot_of.pop(name, None)
             if slot is not None:
@@ -136,7 +166,10 @@ class AdapterManager:
                 return [
                     v
                     for v in self._slot_of
-                    if v not in wanted and v not in merged and self._pins[v] == 0
+                    if v not in wanted
+                    and v not in merged
+                    and v not in self._trainable
+                    and self._pins[v] == 0
                 ]
 
             def placeable():
@@ -187,6 +220,153 @@ class AdapterManager:
             self.release(pinned)
             raise
 
+    # ---- training (DESIGN.md "Training many adapters at once") ----------------------------
+
+    def _refuse_trainable(self, name: str, action: str) -> None:
+        if name in self._trainable:
+            raise ValueError(
+                f"{name!r} is trainable: cannot {action} it; call freeze({name!r}) first"
+            )
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        use_rslora: bool = False,
+        rank_pattern: Optional[dict] = None,
+        alpha_pattern: Optional[dict] = None,
+        lora_dropout: float = 0.0,
+        target_modules=None,
+        exclude_modules=None,
+    ) -> str:
+        """A new trainable adapter with PEFT's initialisation (A Kaiming-uniform, B zero) and
+        PEFT's LoraConfig options. It holds a device slot until freeze(); its fp32 parameters
+        are mgr.parameters(name) / mgr.named_parameters(name)."""
+        self._check_new_name(adapter_name)
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        paths = select_layers(list(self.layers), target_modules, exclude_modules)
+        weights = {}
+        for path in paths:
+            rank = int(pattern_value(rank_pattern, path, r))
+            if not 1 <= rank <= self.max_rank:
+                raise ValueError(
+                    f"add_adapter({adapter_name!r}): layer {path} would have rank {rank}, "
+                    f"outside 1..max_rank={self.max_rank} given to patch()"
+                )
+            alpha = float(pattern_value(alpha_pattern, path, lora_alpha))
+            layer = self.layers[path]
+            A = torch.empty(rank, layer.in_features)
+            nn.init.kaiming_uniform_(A, a=5**0.5)  # nn.Linear's default, as PEFT initialises
+            B = torch.zeros(rank, layer.out_features)
+            weights[path] = (A, B, lora_scale(alpha, rank, use_rslora))
+        self._add_trainable(
+            adapter_name,
+            "<trainable>",
+            weights,
+            r=r,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            lora_dropout=lora_dropout,
+        )
+        return adapter_name
+
+    def _add_trainable(self, name, path, weights, r, lora_alpha, use_rslora, lora_dropout):
+        with self._changed:
+            self._check_new_name(name)
+            if len(self._trainable) >= self.max_loras:
+                raise ValueError(
+                    f"cannot add trainable adapter {name!r}: all max_loras={self.max_loras} "
+                    f"slots hold trainable adapters ({list(self._trainable)}); freeze one first"
+                )
+            if len(self._slot_of) < self.max_loras:
+                slot = self._free_slot()
+            else:
+                evictable = [
+                    v for v in self._slot_of if v not in self._trainable and self._pins[v] == 0
+                ]
+                evictable = [v for v in evictable if v not in (self.merged or {})]
+                if not evictable:
+                    raise ValueError(
+                        f"cannot add trainable adapter {name!r}: every slot is in use by a "
+                        "forward in flight or a merged adapter"
+                    )
+                slot = self._slot_of.pop(evictable[0])
+            layers = {}
+            for layer_path, layer in self.layers.items():
+                layer.write_slot(slot, None, None, 0.0)  # the served bank: nothing here
+                if layer_path not in weights:
+                    continue
+                A, B, scale = weights[layer_path]
+                device = layer.lora_A.device
+                rank = A.shape[0]
+                alpha = scale * (rank**0.5 if use_rslora else rank)
+                A_param, B_param = layer.attach_trainable(
+                    slot,
+                    A.to(device, torch.float32),
+                    B.to(device, torch.float32),
+                    scale,
+                    lora_dropout,
+                )
+                layers[layer_path] = TrainableLayer(A_param, B_param, alpha, scale)
+            self._trainable[name] = TrainableAdapter(
+                name, slot, r, lora_alpha, use_rslora, lora_dropout, layers
+            )
+            self._registry[name] = LoraAdapter(name=name, path=path, layers={})
+            self._slot_of[name] = slot
+
+    def _trainable_adapter(self, name: str) -> TrainableAdapter:
+        if name not in self._trainable:
+            kind = "frozen" if name in self._registry else "unknown"
+            raise KeyError(
+                f"{name!r} is not a trainable adapter ({kind}); trainable: {list(self._trainable)}"
+            )
+        return self._trainable[name]
+
+    def named_parameters(self, name: str):
+        """(PEFT key, fp32 parameter) of a trainable adapter, e.g.
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", A [r, H_in])."""
+        adapter = self._trainable_adapter(name)
+        for path, layer in adapter.layers.items():
+            yield f"{KEY_PREFIX}{path}.lora_A.weight", layer.A
+            yield f"{KEY_PREFIX}{path}.lora_B.weight", layer.B
+
+    def parameters(self, name: str):
+        """The fp32 parameters of a trainable adapter (one optimizer param group per adapter)."""
+        return [p for _, p in self.named_parameters(name)]
+
+    @property
+    def trainable_adapters(self) -> list[str]:
+        return list(self._trainable)
+
+    def save_adapter(self, name: str, directory: str) -> None:
+        """Writes a trainable adapter as a PEFT folder (PeftModel.from_pretrained loads it)."""
+        adapter = self._trainable_adapter(name)
+        fan_in_fan_out = any(
+            not isinstance(self.layers[p].base_layer, nn.Linear) for p in adapter.layers
+        )
+        save_peft_folder(adapter, directory, fan_in_fan_out)
+
+    def freeze(self, name: str) -> None:
+        """Turns a trainable adapter into an ordinary served one (base dtype, same slot)."""
+        with self._changed:
+            adapter = self._trainable_adapter(name)
+            self._changed.wait_for(lambda: self._pins[name] == 0)
+            dtype = next(iter(self.layers.values())).lora_A.dtype
+            served = {}
+            for path, layer in adapter.layers.items():
+                A = layer.A.detach().to("cpu", dtype).contiguous()
+                B = layer.B.detach().t().to("cpu", dtype).contiguous()
+                if self.device.type == "cuda":
+                    A, B = A.pin_memory(), B.pin_memory()
+                served[path] = LoraWeights(A=A, B=B, scale=layer.scale)
+            for layer in self.layers.values():
+                layer.detach_trainable(adapter.slot)
+            del self._trainable[name]
+            self._registry[name] = LoraAdapter(name=name, path="<frozen>", layers=served)
+            self._place(name, adapter.slot)
+
     def merge(self, spec) -> None:
         """Folds one adapter (a name) or a weighted sum of adapters ({name: weight}) into the
         base weights of every adapted layer. Refused while a merge is in effect. A merge that
@@ -200,6 +380,8 @@ class AdapterManager:
         unknown = [n for n in weights if n not in self._registry]
         if unknown:
             raise KeyError(f"unknown adapter name(s) {unknown}; loaded: {self.adapters}")
+        for n in weights:
+            self._refuse_trainable(n, "merge")
         from tqdm.auto import tqdm
 
         records = []

@@ -155,6 +155,11 @@ def patch(
                 f"{', '.join(repr(n) for n in manager.merged)} is merged; call unmerge() before "
                 "moving the model to another device or dtype"
             )
+        if manager.trainable_adapters:
+            raise RuntimeError(
+                f"trainable adapter(s) {manager.trainable_adapters} hold fp32 parameters on "
+                "their device; freeze() them before moving the model to another device or dtype"
+            )
         return original_apply(fn, *args, **kwargs)
 
     model._apply = _apply

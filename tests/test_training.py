@@ -1,0 +1,297 @@
+"""Training many adapters in one batch, against PEFT training each adapter alone on its own
+rows (DESIGN.md "Training many adapters at once")."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import pytest
+import torch
+from conftest import bits
+from test_patch import VOCAB, tiny_model
+
+import adaptfuse
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+# Per architecture: trainable adapters of different ranks and options, saved with PEFT.
+TRAIN_CONFIGS = {
+    "llama": [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(r=8, lora_alpha=16, target_modules="all-linear", rank_pattern={"down_proj": 2}),
+        dict(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+        dict(r=2, lora_alpha=4, target_modules=["o_proj", "up_proj"], alpha_pattern={"o_proj": 1}),
+    ],
+    "gpt2": [
+        dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
+        dict(r=8, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ],
+    "phi3": [
+        dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]),
+        dict(r=8, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    ],
+}
+
+
+def save_peft_adapters(base, arch, directory):
+    paths = {}
+    for i, options in enumerate(TRAIN_CONFIGS[arch]):
+        torch.manual_seed(200 + i)
+        model = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **options)
+        )
+        paths[f"t{i}"] = os.path.join(directory, f"{arch}-t{i}")
+        model.save_pretrained(paths[f"t{i}"])
+    return paths
+
+
+def batch_for(names, length=9, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (len(names), length), generator=gen)
+    labels = input_ids.clone()
+    labels[:, :2] = -100  # a prompt that is not trained on
+    return input_ids, labels
+
+
+def peft_key(key: str) -> str:
+    """PEFT's parameter name without the adapter name: ...lora_A.<name>.weight -> lora_A.weight."""
+    return re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)
+
+
+def peft_alone(base, path, name, input_ids, labels, dtype, steps=0, lr=1e-3):
+    """PEFT training one adapter on its own rows: gradients (and weights after AdamW steps)."""
+    model = peft.PeftModel.from_pretrained(
+        copy.deepcopy(base).to(dtype), path, adapter_name=name, is_trainable=True
+    )
+    model.train()
+    params = {peft_key(k): p for k, p in model.named_parameters() if p.requires_grad}
+    for p in params.values():
+        p.data = p.data.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr)
+    grads = None
+    for step in range(max(steps, 1)):
+        out = model(input_ids=input_ids, labels=labels)
+        out.loss.backward()
+        if grads is None:
+            grads = {k: p.grad.detach().clone() for k, p in params.items()}
+        if steps:
+            optimizer.step()
+        optimizer.zero_grad()
+    return grads, {k: p.detach().clone() for k, p in params.items()}
+
+
+def assert_close_to_peft(ours, exact, plain, what, dtype=torch.float32):
+    """DESIGN.md's model-level rule: error against PEFT in float64 at most 2x PEFT's own error
+    at the test precision, plus 4 ulps (relative to the largest magnitude)."""
+    error = (ours.double() - exact.double()).abs().max().item()
+    peft_error = (plain.double() - exact.double()).abs().max().item()
+    floor = 4 * torch.finfo(dtype).eps * exact.abs().max().item()
+    assert error <= 2 * peft_error + floor, (
+        f"{what}: error {error:.3e} > 2 x PEFT's {peft_error:.3e} + {floor:.3e}"
+    )
+
+
+def mixed_names(arch):
+    trained = [f"t{i}" for i in range(len(TRAIN_CONFIGS[arch]))]
+    # each adapter on two rows, plus two base rows, interleaved
+    return [n for pair in zip(trained, trained, strict=True) for n in pair][::-1] + [None, None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_gradients_match_peft_training_each_adapter_alone(arch, tmp_path):
+    torch.manual_seed(0)
+    base = tiny_model(arch)
+    paths = save_peft_adapters(base, arch, tmp_path)
+    model = copy.deepcopy(base)
+    mgr = adaptfuse.patch(model, max_loras=len(paths) + 1, max_rank=16)
+    for name, path in paths.items():
+        mgr.load_adapter(path, adapter_name=name, trainable=True)
+    model.train()
+    names = mixed_names(arch)
+    input_ids, labels = batch_for(names)
+    logits = model(input_ids, adapter_names=names).logits
+    adaptfuse.per_adapter_loss(logits, labels, names).backward()
+    for name, path in paths.items():
+        rows = [i for i, n in enumerate(names) if n == name]
+        exact, _ = peft_alone(base, path, name, input_ids[rows], labels[rows], torch.float64)
+        plain, _ = peft_alone(base, path, name, input_ids[rows], labels[rows], torch.float32)
+        ours = dict(mgr.named_parameters(name))
+        assert set(ours) == set(exact), f"{name}: parameter names differ from PEFT's"
+        for key, param in ours.items():
+            assert param.dtype == torch.float32 and param.shape == exact[key].shape
+            assert_close_to_peft(param.grad, exact[key], plain[key], f"{name} {key} grad")
+
+
+def test_adamw_steps_with_one_param_group_per_adapter_match_peft(tmp_path):
+    torch.manual_seed(1)
+    base = tiny_model("llama")
+    paths = save_peft_adapters(base, "llama", tmp_path)
+    model = copy.deepcopy(base)
+    mgr = adaptfuse.patch(model, max_loras=4, max_rank=16)
+    learning_rates = {"t0": 1e-3, "t1": 5e-4, "t2": 2e-3, "t3": 1e-3}
+    for name, path in paths.items():
+        mgr.load_adapter(path, adapter_name=name, trainable=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": mgr.parameters(n), "lr": lr} for n, lr in learning_rates.items()]
+    )
+    model.train()
+    names = mixed_names("llama")
+    input_ids, labels = batch_for(names, seed=3)
+    for _ in range(5):
+        logits = model(input_ids, adapter_names=names).logits
+        adaptfuse.per_adapter_loss(logits, labels, names).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, path in paths.items():
+        rows = [i for i, n in enumerate(names) if n == name]
+        args = (base, path, name, input_ids[rows], labels[rows])
+        _, exact = peft_alone(*args, torch.float64, steps=5, lr=learning_rates[name])
+        _, plain = peft_alone(*args, torch.float32, steps=5, lr=learning_rates[name])
+        for key, param in mgr.named_parameters(name):
+            assert_close_to_peft(param, exact[key], plain[key], f"{name} {key} after 5 steps")
+
+
+def test_bf16_model_keeps_fp32_adapters_like_peft(tmp_path):
+    torch.manual_seed(2)
+    base = tiny_model("llama")
+    paths = save_peft_adapters(base, "llama", tmp_path)
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    mgr = adaptfuse.patch(model, max_loras=4, max_rank=16)
+    for name, path in list(paths.items())[:2]:
+        mgr.load_adapter(path, adapter_name=name, trainable=True)
+    model.train()
+    names = ["t0", "t1", None, "t1"]
+    input_ids, labels = batch_for(names, seed=5)
+    logits = model(input_ids, adapter_names=names).logits
+    adaptfuse.per_adapter_loss(logits, labels, names).backward()
+    for name in ("t0", "t1"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        args = (base, paths[name], name, input_ids[rows], labels[rows])
+        exact, _ = peft_alone(*args, torch.float64)
+        plain, _ = peft_alone(*args, torch.bfloat16)
+        for key, param in mgr.named_parameters(name):
+            assert param.dtype == torch.float32
+            assert_close_to_peft(
+                param.grad, exact[key], plain[key], f"{name} {key}", torch.bfloat16
+            )
+
+
+def test_new_adapter_starts_at_the_base_model_and_learns(tmp_path):
+    torch.manual_seed(3)
+    model = tiny_model("llama")
+    mgr = adaptfuse.patch(model, max_loras=3, max_rank=8)
+    mgr.add_adapter("new", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    params = dict(mgr.named_parameters("new"))
+    assert len(params) == 8  # 2 layers x 2 projections x (A, B)
+    for key, p in params.items():
+        assert p.requires_grad and p.is_leaf and p.dtype == torch.float32
+        if key.endswith("lora_B.weight"):
+            assert p.shape[1] == 8 and bool((p == 0).all())  # PEFT: B starts at zero
+        else:
+            assert p.shape[0] == 8 and p.abs().max() > 0
+    input_ids, labels = batch_for(["new", None])
+    with torch.no_grad():
+        base_logits = model(input_ids).logits
+        new_logits = model(input_ids, adapter_names=["new", None]).logits
+    assert torch.equal(new_logits, base_logits)  # B = 0: exactly the base model
+    optimizer = torch.optim.AdamW(mgr.parameters("new"), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        logits = model(input_ids[:1], adapter_names=["new"]).logits
+        loss = adaptfuse.per_adapter_loss(logits, labels[:1], ["new"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    # Base weights stayed frozen and unchanged by training.
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_save_adapter_loads_in_peft_then_freeze_serves_and_merges(tmp_path):
+    torch.manual_seed(4)
+    base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    mgr = adaptfuse.patch(model, max_loras=2, max_rank=8)
+    mgr.add_adapter("tenant", r=4, lora_alpha=8, rank_pattern={"o_proj": 2}, use_rslora=True)
+    optimizer = torch.optim.AdamW(mgr.parameters("tenant"), lr=1e-2)
+    input_ids, labels = batch_for(["tenant", "tenant"], seed=9)
+    model.train()
+    for _ in range(3):
+        logits = model(input_ids, adapter_names=["tenant", "tenant"]).logits
+        adaptfuse.per_adapter_loss(logits, labels, ["tenant"] * 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    out_dir = str(tmp_path / "tenant")
+    mgr.save_adapter("tenant", out_dir)
+    with torch.no_grad():
+        ours = model(input_ids, adapter_names=["tenant", None]).logits
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), out_dir).eval()
+        theirs = peft_model(input_ids).logits
+        base_logits = base(input_ids).logits
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], base_logits[1], rtol=0, atol=0)
+
+    mgr.freeze("tenant")
+    assert mgr.trainable_adapters == [] and "tenant" in mgr.adapters
+    with torch.no_grad():
+        served = model(input_ids, adapter_names=["tenant", "tenant"]).logits
+        torch.testing.assert_close(served[0], theirs[0], rtol=1e-5, atol=1e-5)
+        weights_before = {n: bits(p) for n, p in model.named_parameters()}
+        mgr.merge("tenant")
+        merged = model(input_ids).logits
+        mgr.unmerge()
+    torch.testing.assert_close(merged, served, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        assert torch.equal(bits(p), weights_before[n]), n
+
+
+def test_bad_use_of_trainable_adapters_is_refused_and_changes_nothing(tmp_path):
+    torch.manual_seed(5)
+    model = tiny_model("llama")
+    mgr = adaptfuse.patch(model, max_loras=2, max_rank=8)
+    mgr.add_adapter("a", r=4)
+    with pytest.raises(ValueError, match="'a' is trainable: cannot unload it; call freeze"):
+        mgr.unload_adapter("a")
+    with pytest.raises(ValueError, match="'a' is trainable: cannot merge it; call freeze"):
+        mgr.merge("a")
+    with pytest.raises(ValueError, match="already loaded"):
+        mgr.add_adapter("a", r=4)
+    with pytest.raises(ValueError, match="rank 16, outside 1..max_rank=8"):
+        mgr.add_adapter("b", r=16)
+    with pytest.raises(ValueError, match=r"target_modules \['c_attn'\] match no layer"):
+        mgr.add_adapter("b", r=4, target_modules=["q_proj", "c_attn"])
+    assert mgr.adapters == ["a"] and mgr.trainable_adapters == ["a"]
+    mgr.add_adapter("b", r=4)
+    with pytest.raises(ValueError, match="all max_loras=2 slots hold trainable adapters"):
+        mgr.add_adapter("c", r=4)
+    assert mgr.adapters == ["a", "b"]
+    with pytest.raises(RuntimeError, match="freeze"):
+        model.to(torch.float64)
+    with pytest.raises(KeyError, match="not a trainable adapter"):
+        mgr.parameters("zzz")
+    # The refused operations left both adapters working.
+    input_ids, _ = batch_for(["a", "b"])
+    with torch.no_grad():
+        model(input_ids, adapter_names=["a", "b"])
+
+
+def test_per_adapter_loss_sums_each_groups_mean():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 11, generator=gen)
+    labels = torch.randint(0, 11, (4, 6), generator=gen)
+    labels[1, 3:] = -100
+    names = ["a", None, "a", "__base__"]
+    total = adaptfuse.per_adapter_loss(logits, labels, names)
+    loss = torch.nn.functional.cross_entropy
+    expected = loss(logits[[0, 2], :-1].reshape(-1, 11), labels[[0, 2], 1:].reshape(-1)) + loss(
+        logits[[1, 3], :-1].reshape(-1, 11), labels[[1, 3], 1:].reshape(-1)
+    )
+    torch.testing.assert_close(total, expected)
+    with pytest.raises(ValueError, match="adapter_names has 3 entries"):
+        adaptfuse.per_adapter_loss(logits, labels, names[:3])
