@@ -34,6 +34,38 @@ def _expand_for_generation(names: Sequence[Optional[str]], batch: int) -> list:
     return [name for name in names for _ in range(repeat)]
 
 
+class _PlanDuringBackward(torch.autograd.Function):
+    """Identity on the logits (and loss) whose backward makes the forward's plan current
+    again: gradient checkpointing recomputes layers during backward, after the forward's
+    context is gone, and every recomputed layer must see each row's adapter. The plan is
+    current from the logits' backward (which runs before any recomputation) to the end of
+    that backward."""
+
+    @staticmethod
+    def forward(ctx, plans, logits):
+        ctx.plans = plans
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        previous = current_plan.get()
+        if previous is ctx.plans:  # set already (by the loss's twin of this node)
+            return None, grad
+        current_plan.set(ctx.plans)
+        torch.autograd.Variable._execution_engine.queue_callback(
+            lambda: current_plan.set(previous)
+        )
+        return None, grad
+
+
+def _plan_during_backward(output, plans):
+    for field in ("logits", "loss"):  # the loss, when transformers computed it from labels
+        value = getattr(output, field, None)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            setattr(output, field, _PlanDuringBackward.apply(plans, value))
+    return output
+
+
 def _targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]]) -> list[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = [
@@ -138,10 +170,13 @@ def patch(
         plans, pinned = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
         token = current_plan.set(plans)
         try:
-            return original_forward(*args, **kwargs)
+            output = original_forward(*args, **kwargs)
         finally:
             current_plan.reset(token)
             manager.release(pinned)
+        if torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+            output = _plan_during_backward(output, plans)
+        return output
 
     model.forward = forward
 

@@ -72,7 +72,7 @@ def peft_alone(base, path, name, input_ids, labels, dtype, steps=0, lr=1e-3):
         p.data = p.data.to(torch.float64 if dtype == torch.float64 else torch.float32)
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr)
     grads = None
-    for step in range(max(steps, 1)):
+    for _ in range(max(steps, 1)):
         out = model(input_ids=input_ids, labels=labels)
         out.loss.backward()
         if grads is None:
@@ -295,3 +295,98 @@ def test_per_adapter_loss_sums_each_groups_mean():
     torch.testing.assert_close(total, expected)
     with pytest.raises(ValueError, match="adapter_names has 3 entries"):
         adaptfuse.per_adapter_loss(logits, labels, names[:3])
+
+
+@pytest.mark.parametrize("use_reentrant", [None, True, False])
+def test_gradient_checkpointing_keeps_every_rows_adapter(use_reentrant):
+    torch.manual_seed(6)
+    base = tiny_model("llama")
+
+    def gradients(checkpointing):
+        model = copy.deepcopy(base)
+        mgr = adaptfuse.patch(model, max_loras=3, max_rank=8)
+        torch.manual_seed(7)
+        for name in ("a", "b"):
+            mgr.add_adapter(name, r=4, lora_alpha=8)
+            with torch.no_grad():
+                for p in mgr.parameters(name):
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.train()
+        if checkpointing:
+            kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        names = ["a", None, "b", "a"]
+        input_ids, labels = batch_for(names, seed=8)
+        logits = model(input_ids, adapter_names=names).logits
+        adaptfuse.per_adapter_loss(logits, labels, names).backward()
+        # transformers' own loss (labels=...) reaches the layers through the same node.
+        out = model(input_ids[:1], labels=labels[:1], adapter_names=names[:1])
+        out.loss.backward()
+        return {n: [p.grad.clone() for p in mgr.parameters(n)] for n in ("a", "b")}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    for name in plain:
+        for g0, g1 in zip(plain[name], checkpointed[name], strict=True):
+            torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    from adaptfuse.layers import current_plan
+
+    assert current_plan.get() is None  # nothing left behind after backward
+
+
+def test_lora_dropout_follows_peft_in_train_mode_only(tmp_path):
+    """lora_dropout per adapter: identical masks injected on both sides (PEFT draws its masks
+    from its own nn.Dropout), train mode only, the same mask forward and backward."""
+    torch.manual_seed(8)
+    base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    mgr = adaptfuse.patch(model, max_loras=2, max_rank=8)
+    mgr.add_adapter("d", r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"])
+    with torch.no_grad():
+        for p in mgr.parameters("d"):
+            p.add_(torch.randn_like(p) * 0.2)
+    input_ids, labels = batch_for(["d", None], seed=2)
+    with torch.no_grad():
+        model.eval()
+        eval_a = model(input_ids, adapter_names=["d", None]).logits
+        eval_b = model(input_ids, adapter_names=["d", None]).logits
+    assert torch.equal(eval_a, eval_b)  # no dropout in eval mode
+    model.train()
+    torch.manual_seed(11)
+    train_a = model(input_ids, adapter_names=["d", None]).logits
+    torch.manual_seed(11)
+    train_b = model(input_ids, adapter_names=["d", None]).logits
+    assert torch.equal(train_a, train_b)  # masks from torch's generator: reproducible
+    assert not torch.equal(train_a[0], eval_a[0])  # dropout changed the adapted row
+    torch.testing.assert_close(train_a[1], eval_a[1], rtol=0, atol=0)  # base rows untouched
+
+    # PEFT with the same masks: record ours, replay them into PEFT's dropout modules.
+    masks = []
+    real_rand = torch.rand
+
+    def recording_rand(*args, **kwargs):
+        out = real_rand(*args, **kwargs)
+        masks.append(out)
+        return out
+
+    path = str(tmp_path / "d")
+    mgr.save_adapter("d", path)
+    torch.rand = recording_rand
+    try:
+        logits = model(input_ids[:1], adapter_names=["d"]).logits
+    finally:
+        torch.rand = real_rand
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), path, is_trainable=True)
+    peft_model.train()
+    replay = iter(masks)
+    for module in peft_model.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if dropout is not None and "default" in dropout:
+            rate = dropout["default"].p
+
+            def forward(x, rate=rate):
+                keep = next(replay) >= rate
+                return x * keep.view(x.shape) / (1 - rate)
+
+            dropout["default"].forward = forward
+    theirs = peft_model(input_ids[:1]).logits
+    torch.testing.assert_close(logits, theirs, rtol=1e-5, atol=1e-5)
