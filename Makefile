@@ -54,7 +54,7 @@ bench: build
 
 lint: $(STAMPS)/deps
 	$(PY) -m pip install -q ruff clang-format
-	$(PY) -m ruff check adaptfuse tests benchmarks scripts
+	$(PY) -m ruff check adaptfuse tests benchmarks scripts examples
 	$(VENV)/bin/clang-format --dry-run --Werror --style=file $$(find csrc cmake/tests -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 # On a GPU machine, with its own Python and torch (no venv, no network): builds for the
