@@ -12,7 +12,8 @@ import json
 import math
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import torch
 
@@ -92,13 +93,29 @@ class LoraAdapter:
     layers: dict[str, LoraWeights]  # module path in the base model -> weights
 
 
-def _pattern_value(patterns: Mapping[str, float], module: str, default):
+def pattern_value(patterns: Mapping[str, float], module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the
     module path (a plain name or a regex), else the default."""
-    for pattern, value in patterns.items():
+    for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return default
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def matching_paths(paths: Sequence[str], target_modules: Union[None, str, Sequence[str]]) -> list:
+    """PEFT's target_modules matching: None or "all-linear" = every path, a string = a regex
+    on the full path, a list = names that equal the path or end it."""
+    if target_modules is None or target_modules == "all-linear":
+        return list(paths)
+    if isinstance(target_modules, str):
+        return [p for p in paths if re.fullmatch(target_modules, p)]
+    wanted = list(target_modules)
+    return [p for p in paths if any(p == t or p.endswith("." + t) for t in wanted)]
 
 
 def _check_options(config: dict, config_path: str) -> None:
@@ -216,7 +233,7 @@ def read_peft_adapter(
                 f"lora_B {tuple(b.shape)} do not fit "
                 f"the layer ({h_in} in, {h_out} out): expected [r, {h_in}] and [{h_out}, r]"
             )
-        expected_rank = int(_pattern_value(rank_pattern, module, r_default))
+        expected_rank = int(pattern_value(rank_pattern, module, r_default))
         if rank != expected_rank:
             raise AdapterError(
                 f"{weights_path}: layer {module} has rank {rank} but {CONFIG_FILE} "
@@ -237,7 +254,8 @@ def read_peft_adapter(
                 f"{weights_path}: layer {module} holds values too large for the model's "
                 f"{dtype} (they would become inf)"
             )
-        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
-        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        layers[module] = LoraWeights(A=served_a, B=served_b, scale=scale)
+        alpha = float(pattern_value(alpha_pattern, module, alpha_default))
+        layers[module] = LoraWeights(
+            A=served_a, B=served_b, scale=lora_scale(alpha, rank, use_rslora)
+        )
     return LoraAdapter(name=name, path=path, layers=layers)

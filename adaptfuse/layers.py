@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from adaptfuse import ops
+from adaptfuse.training import trainable_banks
 
 
 class BatchPlans:
@@ -165,8 +166,6 @@ class LoraLayer(nn.Module):
 
     def _trainable_delta(self, tokens: torch.Tensor, plan: ops.Plan) -> torch.Tensor:
         """fp32 [T, H_out]: the trainable adapters' part, differentiable in their parameters."""
-        from adaptfuse.training import trainable_banks
-
         bank_A, bank_B = trainable_banks(self)
         if self.training and any(dropout > 0 for _, _, dropout in self.trainable.values()):
             # PEFT's lora_dropout, per adapter: each token's rate is its adapter's.

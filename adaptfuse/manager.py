@@ -16,14 +16,14 @@ from adaptfuse.adapters import (
     AdapterError,
     LoraAdapter,
     LoraWeights,
+    lora_scale,
+    pattern_value,
     read_peft_adapter,
 )
 from adaptfuse.layers import BatchPlans, LoraLayer
 from adaptfuse.training import (
     TrainableAdapter,
     TrainableLayer,
-    lora_scale,
-    pattern_value,
     read_training_options,
     save_peft_folder,
     select_layers,
@@ -162,15 +162,7 @@ class AdapterManager:
                 return [n for n in wanted if n not in self._slot_of]
 
             def evictable():
-                merged = self.merged or {}
-                return [
-                    v
-                    for v in self._slot_of
-                    if v not in wanted
-                    and v not in merged
-                    and v not in self._trainable
-                    and self._pins[v] == 0
-                ]
+                return self._evictable(wanted)
 
             def placeable():
                 gone = [n for n in wanted if n not in self._registry]
@@ -189,6 +181,19 @@ class AdapterManager:
                 self._slot_of.move_to_end(n)
                 self._pins[n] += 1
             return [-1 if n is None else self._slot_of[n] for n in names], wanted
+
+    def _evictable(self, wanted) -> list[str]:
+        """Adapters in slots that may lose theirs, least recently used first: not wanted by
+        the batch, not merged, not trainable, and used by no forward in flight."""
+        merged = self.merged or {}
+        return [
+            v
+            for v in self._slot_of
+            if v not in wanted
+            and v not in merged
+            and v not in self._trainable
+            and self._pins[v] == 0
+        ]
 
     def release(self, pinned: Sequence[str]) -> None:
         with self._changed:
@@ -283,10 +288,7 @@ class AdapterManager:
             if len(self._slot_of) < self.max_loras:
                 slot = self._free_slot()
             else:
-                evictable = [
-                    v for v in self._slot_of if v not in self._trainable and self._pins[v] == 0
-                ]
-                evictable = [v for v in evictable if v not in (self.merged or {})]
+                evictable = self._evictable(wanted=())
                 if not evictable:
                     raise ValueError(
                         f"cannot add trainable adapter {name!r}: every slot is in use by a "

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextvars
 import os
-import re
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from adaptfuse.adapters import matching_paths
 from adaptfuse.layers import LoraLayer, current_plan, layer_features
 from adaptfuse.manager import AdapterManager
 
@@ -52,9 +52,7 @@ class _PlanDuringBackward(torch.autograd.Function):
         if previous is ctx.plans:  # set already (by the loss's twin of this node)
             return None, grad
         current_plan.set(ctx.plans)
-        torch.autograd.Variable._execution_engine.queue_callback(
-            lambda: current_plan.set(previous)
-        )
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: current_plan.set(previous))
         return None, grad
 
 
@@ -71,12 +69,7 @@ def _targets(model: nn.Module, target_modules: Union[None, str, Sequence[str]]) 
     names = [
         n for n, m in model.named_modules() if n and m is not head and layer_features(m) is not None
     ]
-    if target_modules is None or target_modules == "all-linear":
-        return names
-    if isinstance(target_modules, str):
-        return [n for n in names if re.fullmatch(target_modules, n)]
-    wanted = list(target_modules)
-    return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+    return matching_paths(names, target_modules)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from adaptfuse.adapters import BASE_NAME, CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, AdapterError
+from adaptfuse.adapters import (
+    BASE_NAME,
+    CONFIG_FILE,
+    KEY_PREFIX,
+    WEIGHTS_FILE,
+    AdapterError,
+    matching_paths,
+)
 
 
 @dataclasses.dataclass
@@ -47,40 +52,21 @@ class TrainableAdapter:
     layers: dict[str, TrainableLayer]  # module path -> parameters
 
 
-def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (first key matching the end of the path)."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
 def select_layers(
     paths: Sequence[str],
     target_modules: Union[None, str, Sequence[str]],
     exclude_modules: Union[None, str, Sequence[str]] = None,
 ) -> list[str]:
-    """PEFT's matching of target_modules / exclude_modules against the patched layers:
-    None or "all-linear" = all, a string = a regex on the full path, a list = names that
-    equal the path or end it. A list entry that matches nothing is refused by name."""
-    if target_modules is None or target_modules == "all-linear":
-        chosen = list(paths)
-    elif isinstance(target_modules, str):
-        chosen = [p for p in paths if re.fullmatch(target_modules, p)]
-    else:
-        wanted = list(target_modules)
-        missing = [t for t in wanted if not any(p == t or p.endswith("." + t) for p in paths)]
+    """PEFT's matching (adapters.matching_paths) of target_modules / exclude_modules against
+    the patched layers; a list entry that matches nothing is refused by name."""
+    if isinstance(target_modules, (list, tuple, set)):
+        missing = [t for t in target_modules if not matching_paths(paths, [t])]
         if missing:
             raise ValueError(
                 f"target_modules {missing} match no layer adaptfuse patched in this model "
                 f"(patched layers end in {sorted({p.rsplit('.', 1)[-1] for p in paths})})"
             )
-        chosen = [p for p in paths if any(p == t or p.endswith("." + t) for t in wanted)]
+    chosen = matching_paths(paths, target_modules)
     if exclude_modules:
         excluded = set(select_layers(chosen, exclude_modules)) if chosen else set()
         chosen = [p for p in chosen if p not in excluded]

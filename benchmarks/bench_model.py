@@ -16,26 +16,15 @@ import copy
 import tempfile
 
 import torch
-from common import interleaved_medians, table, write_result
+from common import interleaved_medians, random_llama, table, write_result
 
 import adaptfuse
 
 
 def build(args):
     import peft
-    import transformers
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        pad_token_id=0,
-    )
-    base = transformers.LlamaForCausalLM(config).eval().to(args.device)
+    base = random_llama(args.hidden, args.intermediate, args.layers).eval().to(args.device)
     directory = tempfile.mkdtemp(prefix="adaptfuse-bench-")
     paths = {}
     for i in range(args.adapters):

@@ -16,26 +16,15 @@ import argparse
 import copy
 
 import torch
-from common import interleaved_medians, table, write_result
+from common import interleaved_medians, random_llama, table, write_result
 
 import adaptfuse
 
 
 def build(args):
     import peft
-    import transformers
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        pad_token_id=0,
-    )
-    base = transformers.LlamaForCausalLM(config).to(args.device).train()
+    base = random_llama(args.hidden, args.intermediate, args.layers).to(args.device).train()
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     names = [f"tenant-{i}" for i in range(args.adapters)]
 

@@ -48,6 +48,24 @@ def versions() -> dict:
     return found
 
 
+def random_llama(hidden: int, intermediate: int, layers: int):
+    """The benchmarks' random-weight Llama (DESIGN.md's CPU shape family): 16 heads, 8 KV
+    heads, vocab 32000, seeded."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
 def interleaved_medians(
     candidates: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 3
 ) -> dict[str, dict]:

@@ -7,7 +7,7 @@
 #include "composite.h"
 #include "op_schemas.h"
 #ifdef ADAPTFUSE_WITH_CUDA
-#include "kernels/launchers.h"
+#include "kernel_family_python.h"
 #endif
 
 TORCH_LIBRARY(adaptfuse, m) {
@@ -34,26 +34,10 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 #endif
 }
 
-#ifdef ADAPTFUSE_WITH_CUDA
-PyObject* kernel_family(PyObject*, PyObject* args) {
-  const char* name = nullptr;
-  if (!PyArg_ParseTuple(args, "|s", &name)) return nullptr;
-  const char* previous = adaptfuse::kernel_family_name(adaptfuse::kernel_family());
-  if (name != nullptr && !adaptfuse::set_kernel_family_by_name(name)) {
-    PyErr_Format(PyExc_ValueError,
-                 "unknown kernel family '%s'; expected 'auto', 'simple' or 'bgmv'", name);
-    return nullptr;
-  }
-  return PyUnicode_FromString(previous);
-}
-#endif
-
 PyMethodDef module_methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
 #ifdef ADAPTFUSE_WITH_CUDA
-    {"kernel_family", kernel_family, METH_VARARGS,
-     "kernel_family([name]) -> the previous family: which shrink/expand kernels the dispatcher "
-     "uses ('auto', or 'simple'/'bgmv' for benchmarks and tests)."},
+    ADAPTFUSE_KERNEL_FAMILY_METHOD,
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

@@ -102,3 +102,34 @@ def assert_within_torch_error(actual, exact, plain, dtype, what="result"):
     assert error <= 2 * torch_error + floor, (
         f"{what}: max error {error:.3e} exceeds 2 x torch's {torch_error:.3e} + floor {floor:.3e}"
     )
+
+
+def token_slots_for(popularity: str, num_tokens: int, num_slots: int, gen) -> torch.Tensor:
+    """int32 slot per token for one way requests share adapters (Punica's "popularity"):
+    single/identical (all slot 1), distinct, uniform, segments (prefill layout: consecutive
+    runs of one adapter), zipf (P(slot k) ~ 1 / (k + 1)^1.5), skewed (one hot adapter, a few
+    others), some_none (some -1), all_none."""
+    if popularity in ("single", "identical"):
+        slots = torch.full((num_tokens,), 1)
+    elif popularity == "distinct":
+        slots = torch.randperm(num_tokens, generator=gen)
+    elif popularity == "uniform":
+        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
+    elif popularity == "segments":
+        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen).sort().values
+    elif popularity == "zipf":
+        weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.5
+        slots = torch.multinomial(weights, max(num_tokens, 1), True, generator=gen)[:num_tokens]
+    elif popularity == "skewed":
+        slots = torch.where(
+            torch.rand(num_tokens, generator=gen) < 0.9,
+            torch.zeros(num_tokens, dtype=torch.long),
+            torch.randint(1, num_slots, (num_tokens,), generator=gen),
+        )
+    elif popularity == "some_none":
+        slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
+    elif popularity == "all_none":
+        slots = torch.full((num_tokens,), -1)
+    else:
+        raise ValueError(f"unknown popularity {popularity!r}")
+    return slots.to(torch.int32)

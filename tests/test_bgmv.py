@@ -10,7 +10,16 @@ import zlib
 
 import pytest
 import torch
-from conftest import CPU, CUDA, EMULATED, Target, assert_bit_identical, assert_within_torch_error
+from conftest import (
+    CPU,
+    CUDA,
+    EMULATED,
+    Target,
+    assert_bit_identical,
+    assert_within_torch_error,
+    target_param,
+    token_slots_for,
+)
 from pairwise import case_id, pairwise_cases
 
 import adaptfuse
@@ -56,27 +65,6 @@ CASES = pairwise_cases(
     allowed=feasible,
     seed=5,
 )
-
-
-def token_slots_for(popularity: str, num_tokens: int, num_slots: int, gen) -> torch.Tensor:
-    if popularity == "distinct":
-        slots = torch.randperm(num_tokens, generator=gen)
-    elif popularity == "identical":
-        slots = torch.full((num_tokens,), 1)
-    elif popularity == "zipf":  # P(slot k) ~ 1 / (k + 1)^1.5
-        weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.5
-        slots = torch.multinomial(weights, max(num_tokens, 1), True, generator=gen)[:num_tokens]
-    elif popularity == "skewed":  # one hot adapter, a few others
-        slots = torch.where(
-            torch.rand(num_tokens, generator=gen) < 0.9,
-            torch.zeros(num_tokens, dtype=torch.long),
-            torch.randint(1, num_slots, (num_tokens,), generator=gen),
-        )
-    elif popularity == "some_none":
-        slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
-    else:
-        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
-    return slots.to(torch.int32)
 
 
 def build(case: dict, device: str):
@@ -140,20 +128,14 @@ def run_case(case: dict, target: Target):
 
 
 PARAMS = [
-    pytest.param(case, target, id=f"{case_id(case)}-{target}", marks=marks)
+    pytest.param(case, target.values[0], id=f"{case_id(case)}-{target.id}", marks=target.marks)
     for case in CASES
-    for target, marks in [
-        (CPU, []),
-        (CUDA, [pytest.mark.cuda]),
-        (EMULATED[0], []),
-    ]
+    for target in map(target_param, [CPU, CUDA, EMULATED[0]])
 ]
 
 
 @pytest.mark.parametrize("case,target", PARAMS)
 def test_bgmv_matches_reference(case, target):
-    if target is CUDA and not adaptfuse.cuda_available():
-        pytest.skip("needs a GPU and the CUDA build")
     if target.emulated:
         with ops.kernel_family("bgmv", library=target.library):
             run_case(case, target)
@@ -174,22 +156,7 @@ def test_pairwise_cover_the_issue_values():
         assert {c[name] for c in CASES} == set(values), name
 
 
-def kernel_targets():
-    targets = [pytest.param(t, id=str(t)) for t in EMULATED]
-    targets.append(
-        pytest.param(
-            CUDA,
-            id="cuda",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(not adaptfuse.cuda_available(), reason="needs a GPU"),
-            ],
-        )
-    )
-    return targets
-
-
-@pytest.mark.parametrize("target", kernel_targets())
+@pytest.mark.parametrize("target", [target_param(t) for t in [*EMULATED, CUDA]])
 @pytest.mark.parametrize(
     "h_in,h_out,rank,dtype",
     [

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import TARGETS, assert_within_torch_error
+from conftest import TARGETS, assert_within_torch_error, token_slots_for
 from pairwise import case_id, pairwise_cases
 
 from adaptfuse import ops, reference
@@ -43,22 +43,6 @@ CASES = pairwise_cases(
     },
     allowed=feasible,
 )
-
-
-def token_slots_for(popularity: str, num_tokens: int, num_slots: int, gen) -> torch.Tensor:
-    if popularity == "single":
-        slots = torch.full((num_tokens,), 1)
-    elif popularity == "distinct":
-        slots = torch.randperm(num_tokens, generator=gen)
-    elif popularity == "uniform":
-        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
-    elif popularity == "segments":  # prefill layout: consecutive runs of one adapter
-        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen).sort().values
-    elif popularity == "some_none":
-        slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
-    else:
-        slots = torch.full((num_tokens,), -1)
-    return slots.to(torch.int32)
 
 
 def ranks_for(kind: str, num_slots: int, max_rank: int, gen) -> torch.Tensor:

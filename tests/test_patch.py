@@ -118,16 +118,18 @@ ADAPTER_CONFIGS = {
 }
 
 
-def save_adapters(base, arch, directory):
+def save_adapters(base, arch, directory, configs=None, prefix="adapter", seed=100):
+    """Saves one PEFT adapter (random, init_lora_weights=False) per config of the
+    architecture; returns {f"{prefix}{i}": folder}."""
     paths = {}
-    for i, options in enumerate(ADAPTER_CONFIGS[arch]):
-        torch.manual_seed(100 + i)
+    for i, options in enumerate((configs or ADAPTER_CONFIGS)[arch]):
+        torch.manual_seed(seed + i)
         peft_model = peft.get_peft_model(
             copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **options)
         )
-        path = os.path.join(directory, f"{arch}-adapter{i}")
+        path = os.path.join(directory, f"{arch}-{prefix}{i}")
         peft_model.save_pretrained(path)
-        paths[f"adapter{i}"] = path
+        paths[f"{prefix}{i}"] = path
     return paths
 
 

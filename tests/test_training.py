@@ -4,13 +4,12 @@ rows (DESIGN.md "Training many adapters at once")."""
 from __future__ import annotations
 
 import copy
-import os
 import re
 
 import pytest
 import torch
-from conftest import bits
-from test_patch import VOCAB, tiny_model
+from conftest import assert_within_torch_error, bits
+from test_patch import VOCAB, save_adapters, tiny_model
 
 import adaptfuse
 
@@ -37,15 +36,7 @@ TRAIN_CONFIGS = {
 
 
 def save_peft_adapters(base, arch, directory):
-    paths = {}
-    for i, options in enumerate(TRAIN_CONFIGS[arch]):
-        torch.manual_seed(200 + i)
-        model = peft.get_peft_model(
-            copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **options)
-        )
-        paths[f"t{i}"] = os.path.join(directory, f"{arch}-t{i}")
-        model.save_pretrained(paths[f"t{i}"])
-    return paths
+    return save_adapters(base, arch, directory, TRAIN_CONFIGS, prefix="t", seed=200)
 
 
 def batch_for(names, length=9, seed=0):
@@ -83,17 +74,6 @@ def peft_alone(base, path, name, input_ids, labels, dtype, steps=0, lr=1e-3):
     return grads, {k: p.detach().clone() for k, p in params.items()}
 
 
-def assert_close_to_peft(ours, exact, plain, what, dtype=torch.float32):
-    """DESIGN.md's model-level rule: error against PEFT in float64 at most 2x PEFT's own error
-    at the test precision, plus 4 ulps (relative to the largest magnitude)."""
-    error = (ours.double() - exact.double()).abs().max().item()
-    peft_error = (plain.double() - exact.double()).abs().max().item()
-    floor = 4 * torch.finfo(dtype).eps * exact.abs().max().item()
-    assert error <= 2 * peft_error + floor, (
-        f"{what}: error {error:.3e} > 2 x PEFT's {peft_error:.3e} + {floor:.3e}"
-    )
-
-
 def mixed_names(arch):
     trained = [f"t{i}" for i in range(len(TRAIN_CONFIGS[arch]))]
     # each adapter on two rows, plus two base rows, interleaved
@@ -122,7 +102,9 @@ def test_gradients_match_peft_training_each_adapter_alone(arch, tmp_path):
         assert set(ours) == set(exact), f"{name}: parameter names differ from PEFT's"
         for key, param in ours.items():
             assert param.dtype == torch.float32 and param.shape == exact[key].shape
-            assert_close_to_peft(param.grad, exact[key], plain[key], f"{name} {key} grad")
+            assert_within_torch_error(
+                param.grad, exact[key], plain[key], torch.float32, f"{name} {key} grad"
+            )
 
 
 def test_adamw_steps_with_one_param_group_per_adapter_match_peft(tmp_path):
@@ -151,7 +133,9 @@ def test_adamw_steps_with_one_param_group_per_adapter_match_peft(tmp_path):
         _, exact = peft_alone(*args, torch.float64, steps=5, lr=learning_rates[name])
         _, plain = peft_alone(*args, torch.float32, steps=5, lr=learning_rates[name])
         for key, param in mgr.named_parameters(name):
-            assert_close_to_peft(param, exact[key], plain[key], f"{name} {key} after 5 steps")
+            assert_within_torch_error(
+                param, exact[key], plain[key], torch.float32, f"{name} {key} after 5 steps"
+            )
 
 
 def test_bf16_model_keeps_fp32_adapters_like_peft(tmp_path):
@@ -174,8 +158,8 @@ def test_bf16_model_keeps_fp32_adapters_like_peft(tmp_path):
         plain, _ = peft_alone(*args, torch.bfloat16)
         for key, param in mgr.named_parameters(name):
             assert param.dtype == torch.float32
-            assert_close_to_peft(
-                param.grad, exact[key], plain[key], f"{name} {key}", torch.bfloat16
+            assert_within_torch_error(
+                param.grad, exact[key], plain[key], torch.bfloat16, f"{name} {key}"
             )
 
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "composite.h"
+#include "kernel_family_python.h"
 #include "kernel_glue.h"
 #include "op_schemas.h"
 
@@ -34,22 +35,8 @@ PyObject* get_options(PyObject*, PyObject*) {
   return Py_BuildValue("(Ii)", adaptfuse_emu::options().seed, adaptfuse_emu::options().os_threads);
 }
 
-PyObject* kernel_family(PyObject*, PyObject* args) {
-  const char* name = nullptr;
-  if (!PyArg_ParseTuple(args, "|s", &name)) return nullptr;
-  const char* previous = adaptfuse::kernel_family_name(adaptfuse::kernel_family());
-  if (name != nullptr && !adaptfuse::set_kernel_family_by_name(name)) {
-    PyErr_Format(PyExc_ValueError,
-                 "unknown kernel family '%s'; expected 'auto', 'simple' or 'bgmv'", name);
-    return nullptr;
-  }
-  return PyUnicode_FromString(previous);
-}
-
 PyMethodDef module_methods[] = {
-    {"kernel_family", kernel_family, METH_VARARGS,
-     "kernel_family([name]) -> the previous family: which shrink/expand kernels the dispatcher "
-     "uses ('auto', or 'simple'/'bgmv' for benchmarks and tests)."},
+    ADAPTFUSE_KERNEL_FAMILY_METHOD,
     {"set_options", set_options, METH_VARARGS,
      "set_options(seed, os_threads): seed 0 runs threads in order, otherwise in a seeded random "
      "order between synchronisations; os_threads spreads blocks over OS threads."},
