@@ -6,11 +6,12 @@ implementations; it works on machines without a GPU whether or not CUDA was buil
 
 import torch
 
-from adaptfuse import _C, ops  # _C registers torch.ops.adaptfuse.*
+from adaptfuse import _C, ops, routing  # _C registers torch.ops.adaptfuse.*
 from adaptfuse.adapters import AdapterError
 from adaptfuse.manager import AdapterManager
 from adaptfuse.ops import MergeRecord
 from adaptfuse.patch import manager_of, patch, unpatch
+from adaptfuse.routing import Split
 from adaptfuse.training import per_adapter_loss
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "AdapterError",
     "AdapterManager",
     "MergeRecord",
+    "Split",
     "__version__",
     "cuda_available",
     "cuda_built",
@@ -37,5 +39,6 @@ __all__ = [
     "ops",
     "patch",
     "per_adapter_loss",
+    "routing",
     "unpatch",
 ]

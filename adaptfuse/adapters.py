@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -22,6 +22,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
 KEY_PREFIX = "base_model.model."
 BASE_NAME = "__base__"  # PEFT's reserved name for "no adapter"
+MAX_SUPPORTED_RANK = 512  # DESIGN.md: ranks 1..512
+# A PEFT weight key: module path, lora_A or lora_B, an optional adapter name, ".weight".
+_LORA_KEY = re.compile(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 # LoraConfig fields adaptfuse implements, and the values of those it refuses otherwise.
 # Any other field set to a value other than its default is refused by name.
@@ -118,27 +121,62 @@ def matching_paths(paths: Sequence[str], target_modules: Union[None, str, Sequen
     return [p for p in paths if any(p == t or p.endswith("." + t) for t in wanted)]
 
 
-def _check_options(config: dict, config_path: str) -> None:
+def _unsupported_options(config: dict, config_path: str) -> list[str]:
+    problems = []
     for field, allowed in _DEFAULTS_OF_UNSUPPORTED.items():
         value = config.get(field)
         if value not in allowed:
-            raise AdapterError(
+            problems.append(
                 f"{config_path}: option {field}={value!r} is not supported by adaptfuse "
                 "(supported: plain LoRA with rank/alpha patterns and rsLoRA)"
             )
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+        problems.append(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("bias", "none") != "none":
-        raise AdapterError(
+        problems.append(
             f"{config_path}: option bias={config['bias']!r} is not supported (only 'none')"
         )
     for field, value in config.items():
         if field in _SUPPORTED_FIELDS or field in _DEFAULTS_OF_UNSUPPORTED:
             continue
         if value not in (None, False, [], {}, ""):
-            raise AdapterError(
+            problems.append(
                 f"{config_path}: option {field}={value!r} is not supported by adaptfuse"
             )
+    return problems
+
+
+def _is_alpha(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value) -> bool:
+    return _is_alpha(value) and value >= 1 and value == int(value)
+
+
+def _malformed_values(config: dict, config_path: str) -> list[str]:
+    """r, lora_alpha and their patterns that are not numbers of the right kind."""
+    problems = []
+    if not _is_rank(config.get("r", 8)):
+        problems.append(f"{config_path}: r={config.get('r')!r} is not a positive integer")
+    if not _is_alpha(config.get("lora_alpha", 8)):
+        problems.append(
+            f"{config_path}: lora_alpha={config.get('lora_alpha')!r} is not a finite number"
+        )
+    for field, valid, kind in (
+        ("rank_pattern", _is_rank, "positive integers"),
+        ("alpha_pattern", _is_alpha, "finite numbers"),
+    ):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
+            problems.append(f"{config_path}: {field}={patterns!r} must map module names to {kind}")
+    return problems
+
+
+def option_problems(config: dict, config_path: str) -> list[str]:
+    """Every option of an adapter_config.json that adaptfuse refuses or cannot read, one
+    message each naming the file and the option (empty: plain LoRA that adaptfuse serves)."""
+    return _unsupported_options(config, config_path) + _malformed_values(config, config_path)
 
 
 def _load_safetensors(weights_path: str) -> dict[str, torch.Tensor]:
@@ -151,72 +189,222 @@ def _load_safetensors(weights_path: str) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{weights_path}: not a readable safetensors file ({error})") from None
 
 
+def _load_safetensor_slices(
+    weights_path: str, slices: Mapping[str, tuple[slice, slice]]
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Like _load_safetensors, but reads only columns slices[module][0] of a module's lora_A
+    and rows slices[module][1] of its lora_B (a tensor-parallel rank's part), and also
+    returns every tensor's stored shape. Tensors of other modules, or not 2-D, are read
+    whole."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors, shapes = {}, {}
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                stored = f.get_slice(key)
+                shapes[key] = tuple(stored.get_shape())
+                match = _LORA_KEY.fullmatch(key)
+                module = match.group(1).removeprefix(KEY_PREFIX) if match else None
+                if module in slices and len(shapes[key]) == 2:
+                    a_columns, b_rows = slices[module]
+                    part = (slice(None), a_columns) if match.group(2) == "A" else (b_rows,)
+                    tensors[key] = stored[part]
+                else:
+                    tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise AdapterError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    return tensors, shapes
+
+
+@dataclasses.dataclass
+class PeftFolder:
+    """A PEFT LoRA folder as stored, checked without any model.
+
+    modules: module path in the base model -> {"A": lora_A [r, H_in], "B": lora_B [H_out, r]}
+    as stored (PEFT's orientation and dtype, on the CPU). problems: what keeps adaptfuse from
+    loading the folder and belongs to no single module (options, files, stray tensors);
+    layer_problems: the same per module path. Whether each module exists in a given model,
+    with matching shapes, is read_peft_adapter's check.
+    """
+
+    path: str
+    config_path: str
+    weights_path: str
+    config: dict
+    modules: dict[str, dict[str, torch.Tensor]]
+    problems: list[str]
+    layer_problems: dict[str, list[str]]
+    # module path -> {"A": shape, "B": shape} as stored (modules may hold slices of them)
+    stored_shapes: dict[str, dict[str, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    # False when r, lora_alpha or their patterns are malformed: rank(), alpha() and scale()
+    # have no answer then.
+    settings_readable: bool = True
+
+    @property
+    def all_problems(self) -> list[str]:
+        """Folder-wide problems first, then the layers' in module order."""
+        layers = sorted(self.layer_problems)
+        return self.problems + [p for module in layers for p in self.layer_problems[module]]
+
+    def rank(self, module: str) -> int:
+        """The rank adapter_config.json gives the module (r, or its rank_pattern entry)."""
+        return int(pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8)))
+
+    def alpha(self, module: str) -> float:
+        """lora_alpha of the module (alpha_pattern applied)."""
+        default = self.config.get("lora_alpha", 8)
+        return float(pattern_value(self.config.get("alpha_pattern"), module, default))
+
+    def scale(self, module: str) -> float:
+        """PEFT's scaling of the module: alpha / r, or alpha / sqrt(r) with use_rslora."""
+        use_rslora = bool(self.config.get("use_rslora", False))
+        return lora_scale(self.alpha(module), self.rank(module), use_rslora)
+
+
+def _read_config(path: str) -> tuple[str, dict]:
+    if not os.path.isdir(path):
+        raise AdapterError(f"{path}: not a directory with a PEFT adapter")
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise AdapterError(
+            f"{path}: no {CONFIG_FILE}; a PEFT adapter folder holds "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: holds a JSON {type(config).__name__}, not an object")
+    return config_path, config
+
+
+def _missing_weights_problem(path: str) -> str:
+    pickles = [f for f in PICKLE_FILES if os.path.isfile(os.path.join(path, f))]
+    if pickles:
+        return (
+            f"{os.path.join(path, pickles[0])}: pickle files are never opened "
+            "(they can run code). "
+            "Convert once where you trust the file: PeftModel.from_pretrained(base, path)"
+            ".save_pretrained(out, safe_serialization=True)"
+        )
+    return f"{path}: no {WEIGHTS_FILE}"
+
+
+def _module_problems(
+    weights_path: str, module: str, pair: dict[str, torch.Tensor], expected_rank: Optional[int]
+) -> list[str]:
+    """What keeps one module's lora_A / lora_B from loading into any model: a missing half,
+    shapes that disagree on the rank, a rank other than the config's (expected_rank; None
+    when the config's ranks are unreadable) or outside 1..MAX_SUPPORTED_RANK, values that
+    are not finite floats."""
+    where = f"{weights_path}: layer {module}"
+    if set(pair) != {"A", "B"}:
+        return [f"{where} has lora_{''.join(pair)} but not both lora_A and lora_B"]
+    a, b = pair["A"], pair["B"]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        return [
+            f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not agree on a "
+            "rank (expected [r, H_in] and [H_out, r])"
+        ]
+    rank = a.shape[0]
+    problems = []
+    if expected_rank is not None and rank != expected_rank:
+        problems.append(f"{where} has rank {rank} but {CONFIG_FILE} gives it rank {expected_rank}")
+    if not 1 <= rank <= MAX_SUPPORTED_RANK:
+        problems.append(
+            f"{where} has rank {rank}; adaptfuse supports ranks 1..{MAX_SUPPORTED_RANK}"
+        )
+    if not (a.is_floating_point() and b.is_floating_point()):
+        problems.append(f"{where} holds {a.dtype} / {b.dtype} tensors, not floating point")
+    elif not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        problems.append(f"{where} holds non-finite values (NaN or inf)")
+    return problems
+
+
+def read_peft_folder(
+    path: str, slices: Optional[Mapping[str, tuple[slice, slice]]] = None
+) -> PeftFolder:
+    """Reads a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors; a pickle
+    file is never opened) and collects every problem that keeps adaptfuse from loading it
+    into any model. Raises AdapterError only when there is nothing to read: not a folder,
+    no config, or a config that is not a JSON object. slices: module path -> (columns of
+    lora_A, rows of lora_B) to read instead of the whole tensors (a tensor-parallel rank's
+    part; the checks of values then cover what was read)."""
+    config_path, config = _read_config(path)
+    weights_path = os.path.join(path, WEIGHTS_FILE)
+    folder = PeftFolder(path, config_path, weights_path, config, {}, [], {})
+    folder.problems.extend(option_problems(config, config_path))
+    if not os.path.isfile(weights_path):
+        folder.problems.append(_missing_weights_problem(path))
+        return folder
+    try:
+        if slices is None:
+            tensors = _load_safetensors(weights_path)
+            shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        else:
+            tensors, shapes = _load_safetensor_slices(weights_path, slices)
+    except AdapterError as error:
+        folder.problems.append(str(error))
+        return folder
+    unexpected = []
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            unexpected.append(key)
+            continue
+        module = match.group(1)
+        if module.startswith(KEY_PREFIX):
+            module = module[len(KEY_PREFIX) :]
+        folder.modules.setdefault(module, {})[match.group(2)] = tensor
+        folder.stored_shapes.setdefault(module, {})[match.group(2)] = shapes[key]
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        folder.problems.append(
+            f"{weights_path}: unexpected tensor {unexpected[0]!r}{more} "
+            "(only lora_A/lora_B weights are supported)"
+        )
+    elif not folder.modules:
+        folder.problems.append(f"{weights_path}: holds no LoRA weights")
+    folder.settings_readable = not _malformed_values(config, config_path)
+    for module, pair in sorted(folder.modules.items()):
+        expected_rank = folder.rank(module) if folder.settings_readable else None
+        problems = _module_problems(weights_path, module, pair, expected_rank)
+        if problems:
+            folder.layer_problems[module] = problems
+    return folder
+
+
 def read_peft_adapter(
     path: str,
     name: str,
     layer_shapes: Mapping[str, tuple[int, int]],
     max_rank: int,
     dtype: torch.dtype,
+    slices: Optional[Mapping[str, tuple[slice, slice]]] = None,
+    unsupported: Optional[Mapping[str, str]] = None,
 ) -> LoraAdapter:
     """Reads and validates a PEFT LoRA folder against the patched layers.
 
     layer_shapes: module path -> (H_in, H_out) of every layer adaptfuse patched.
-    Returns the adapter with A/B in `dtype` (the base model's), on the CPU.
+    slices: module path -> (columns of lora_A, rows of lora_B) this process reads, for layers
+    it holds in part (tensor parallelism); their A / B are those slices.
+    unsupported: module path -> why adaptfuse left that layer alone (named when targeted).
+    Returns the adapter with A [r, H_in] / B [r, H_out] in `dtype` (the base model's), on the
+    CPU. Raises AdapterError naming the file and the first problem found.
     """
-    if not os.path.isdir(path):
-        raise AdapterError(f"{path}: not a directory with a PEFT adapter")
-    config_path = os.path.join(path, CONFIG_FILE)
-    weights_path = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(config_path):
-        raise AdapterError(
-            f"{path}: no {CONFIG_FILE}; a PEFT adapter folder holds "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-    if not os.path.isfile(weights_path):
-        pickles = [f for f in PICKLE_FILES if os.path.isfile(os.path.join(path, f))]
-        if pickles:
-            raise AdapterError(
-                f"{os.path.join(path, pickles[0])}: pickle files are never opened "
-                "(they can run code). "
-                "Convert once where you trust the file: PeftModel.from_pretrained(base, path)"
-                ".save_pretrained(out, safe_serialization=True)"
-            )
-        raise AdapterError(f"{path}: no {WEIGHTS_FILE}")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{config_path}: not valid JSON ({error})") from None
-    _check_options(config, config_path)
-    tensors = _load_safetensors(weights_path)
-
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", 8))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        if match is None:
-            raise AdapterError(
-                f"{weights_path}: unexpected tensor {key!r} "
-                "(only lora_A/lora_B weights are supported)"
-            )
-        module = match.group(1)
-        if module.startswith(KEY_PREFIX):
-            module = module[len(KEY_PREFIX) :]
-        pairs.setdefault(module, {})[match.group(2)] = tensor
-    if not pairs:
-        raise AdapterError(f"{weights_path}: holds no LoRA weights")
-
+    folder = read_peft_folder(path, slices)
+    problems = folder.all_problems
+    if problems:
+        raise AdapterError(problems[0])
+    weights_path = folder.weights_path
     layers: dict[str, LoraWeights] = {}
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
+    for module, pair in sorted(folder.modules.items()):
+        if module in (unsupported or {}):
             raise AdapterError(
-                f"{weights_path}: layer {module} has lora_{''.join(pair)} "
-                "but not both lora_A and lora_B"
+                f"{weights_path}: targets a layer adaptfuse does not adapt: {unsupported[module]}"
             )
         if module not in layer_shapes:
             raise AdapterError(
@@ -226,27 +414,18 @@ def read_peft_adapter(
             )
         h_in, h_out = layer_shapes[module]
         a, b = pair["A"], pair["B"]
-        rank = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or a.shape != (rank, h_in) or b.shape != (h_out, rank):
+        rank = a.shape[0]
+        stored_a, stored_b = folder.stored_shapes[module]["A"], folder.stored_shapes[module]["B"]
+        if stored_a != (rank, h_in) or stored_b != (h_out, rank):
             raise AdapterError(
-                f"{weights_path}: layer {module}: lora_A {tuple(a.shape)} and "
-                f"lora_B {tuple(b.shape)} do not fit "
+                f"{weights_path}: layer {module}: lora_A {stored_a} and "
+                f"lora_B {stored_b} do not fit "
                 f"the layer ({h_in} in, {h_out} out): expected [r, {h_in}] and [{h_out}, r]"
-            )
-        expected_rank = int(pattern_value(rank_pattern, module, r_default))
-        if rank != expected_rank:
-            raise AdapterError(
-                f"{weights_path}: layer {module} has rank {rank} but {CONFIG_FILE} "
-                f"gives it rank {expected_rank}"
             )
         if rank > max_rank:
             raise AdapterError(
                 f"{weights_path}: layer {module} has rank {rank}, "
                 f"above max_rank={max_rank} given to patch()"
-            )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(
-                f"{weights_path}: layer {module} holds non-finite values (NaN or inf)"
             )
         served_a, served_b = a.to(dtype).contiguous(), b.t().to(dtype).contiguous()
         if not (torch.isfinite(served_a).all() and torch.isfinite(served_b).all()):
@@ -254,8 +433,20 @@ def read_peft_adapter(
                 f"{weights_path}: layer {module} holds values too large for the model's "
                 f"{dtype} (they would become inf)"
             )
-        alpha = float(pattern_value(alpha_pattern, module, alpha_default))
-        layers[module] = LoraWeights(
-            A=served_a, B=served_b, scale=lora_scale(alpha, rank, use_rslora)
-        )
+        layers[module] = LoraWeights(A=served_a, B=served_b, scale=folder.scale(module))
     return LoraAdapter(name=name, path=path, layers=layers)
+
+
+def merge_terms(
+    weighted: Sequence[tuple[LoraAdapter, float]], module: str
+) -> list[tuple[LoraWeights, float, float]]:
+    """The terms merge.merge_layer folds into one layer's weight: (weights, merge weight,
+    scaling) of every adapter in `weighted` that adapts `module`, in the given order. The
+    in-place merge and the CLI's merged checkpoint both build their terms here and fold them
+    with merge_layer, so that merge_ gets the same A [r, H_in], B [r, H_out] and
+    coefficients, bit for bit."""
+    return [
+        (adapter.layers[module], float(weight), adapter.layers[module].scale)
+        for adapter, weight in weighted
+        if module in adapter.layers
+    ]

@@ -62,13 +62,19 @@ def layer_features(module: nn.Module) -> Optional[tuple[int, int]]:
 class LoraLayer(nn.Module):
     """Wraps a base layer; holds the layer's slot banks (non-persistent buffers, allocated once
     at patch time): lora_A [S, R_max, H_in], lora_B [S, R_max, H_out] in the base dtype,
-    lora_ranks [S] int32 (0: the slot's adapter does not adapt this layer), lora_scales [S]."""
+    lora_ranks [S] int32 (0: the slot's adapter does not adapt this layer), lora_scales [S].
 
-    def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int):
+    tensor_parallel (adaptfuse.distributed.ShardedLinear): how the base layer is sharded;
+    the banks then hold this rank's slice, and H_in/H_out are the sizes this rank sees."""
+
+    def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int, tensor_parallel=None):
         super().__init__()
         features = layer_features(base_layer)
         assert features is not None
         self.base_layer = base_layer
+        self.tensor_parallel = tensor_parallel
+        if tensor_parallel is not None:
+            features = tensor_parallel.local_features
         self.in_features, self.out_features = features
         weight = base_layer.weight
         kwargs = dict(device=weight.device, dtype=weight.dtype)
@@ -101,17 +107,26 @@ class LoraLayer(nn.Module):
         self.trainable: dict[int, tuple[nn.Parameter, nn.Parameter, float]] = {}
 
     def weight_out_in(self) -> torch.Tensor:
-        """The base weight as [H_out, H_in] (a transposed view for GPT-2's Conv1D)."""
+        """The base weight as [H_out, H_in] (a transposed view for GPT-2's Conv1D); this
+        rank's shard (the DTensor's local tensor) under tensor parallelism."""
         weight = self.base_layer.weight.data
+        if self.tensor_parallel is not None:
+            weight = weight.to_local()
         return weight if isinstance(self.base_layer, nn.Linear) else weight.t()
+
+    @property
+    def full_features(self) -> tuple[int, int]:
+        """(H_in, H_out) of the whole layer, which an adapter's tensors must fit (this rank's
+        banks may hold a slice of them)."""
+        return layer_features(self.base_layer)
 
     @property
     def lora_scales(self) -> torch.Tensor:
         return self.lora_scale_bits.view(torch.float32)
 
     @staticmethod
-    def bank_bytes(module: nn.Module, num_slots: int, max_rank: int) -> int:
-        h_in, h_out = layer_features(module)
+    def bank_bytes(module: nn.Module, num_slots: int, max_rank: int, tensor_parallel=None) -> int:
+        h_in, h_out = tensor_parallel.local_features if tensor_parallel else layer_features(module)
         element = module.weight.element_size()
         return num_slots * (max_rank * (h_in + h_out) * element + 8)
 
@@ -177,10 +192,18 @@ class LoraLayer(nn.Module):
         return ops.expand(v, [bank_B], [0], self.out_features, self.train_ranks, plan)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         plans = current_plan.get()
         if plans is None or (self.active_slots == 0 and not self.trainable):
-            return y
+            return self.base_layer(x, *args, **kwargs)
+        if self.tensor_parallel is not None:
+            # Added to this rank's own matmul output, before the base layer's collective.
+            return self.tensor_parallel.forward(
+                self.base_layer, x, args, kwargs, lambda x, y: self._add_adapters(x, y, plans)
+            )
+        return self._add_adapters(x, self.base_layer(x, *args, **kwargs), plans)
+
+    def _add_adapters(self, x: torch.Tensor, y: torch.Tensor, plans: BatchPlans) -> torch.Tensor:
+        """y (the base output for input x) plus the adapters' part."""
         tokens = x.reshape(-1, self.in_features)
         if tokens.shape[0] != plans.num_tokens:
             raise RuntimeError(

@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from adaptfuse import ops
 from adaptfuse.adapters import (
     BASE_NAME,
     KEY_PREFIX,
@@ -17,10 +16,12 @@ from adaptfuse.adapters import (
     LoraAdapter,
     LoraWeights,
     lora_scale,
+    merge_terms,
     pattern_value,
     read_peft_adapter,
 )
 from adaptfuse.layers import BatchPlans, LoraLayer
+from adaptfuse.merge import LayerMerge, MergeOptions, merge_layer, unmerge_layer
 from adaptfuse.training import (
     TrainableAdapter,
     TrainableLayer,
@@ -56,7 +57,11 @@ class AdapterManager:
         # The merge in effect: {name: weight} and, per merged layer, what unmerge needs.
         self.merged: Optional[dict[str, float]] = None
         self._trainable: dict[str, TrainableAdapter] = {}
-        self._merge_records: list[tuple[str, list, list, list, ops.MergeRecord]] = []
+        # Layers patch left alone, with the reason (an unsupported tensor-parallel plan...):
+        # an adapter that targets one is refused with that reason.
+        self.unsupported_layers: dict[str, str] = {}
+        self._merge_records: list[LayerMerge] = []
+        self._merge_options = MergeOptions()
 
     @property
     def adapters(self) -> list[str]:
@@ -88,17 +93,14 @@ class AdapterManager:
         training it (fp32 parameters, see add_adapter)."""
         name = adapter_name if adapter_name is not None else path.rstrip("/").split("/")[-1]
         self._check_new_name(name)
-        shapes = {
-            path_: (layer.in_features, layer.out_features) for path_, layer in self.layers.items()
-        }
         first = next(iter(self.layers.values())).lora_A
         if trainable:
-            adapter = read_peft_adapter(path, name, shapes, self.max_rank, torch.float32)
+            adapter = self._read_adapter(path, name, torch.float32)
             options = read_training_options(path)
             weights = {p: (w.A, w.B, w.scale) for p, w in adapter.layers.items()}
             self._add_trainable(name, path, weights, **options)
             return name
-        adapter = read_peft_adapter(path, name, shapes, self.max_rank, first.dtype)
+        adapter = self._read_adapter(path, name, first.dtype)
         if first.device.type == "cuda":  # pinned host copies: slot writes are real async copies
             for weights in adapter.layers.values():
                 weights.A, weights.B = weights.A.pin_memory(), weights.B.pin_memory()
@@ -109,6 +111,14 @@ class AdapterManager:
             if len(self._slot_of) < self.max_loras:
                 self._place(name, self._free_slot())
         return name
+
+    def _read_adapter(self, path: str, name: str, dtype: torch.dtype, slices=None) -> LoraAdapter:
+        """Reads and validates a PEFT folder for the patched layers; slices: module path ->
+        (columns of lora_A, rows of lora_B) to read, for the layers held in part."""
+        shapes = {path_: layer.full_features for path_, layer in self.layers.items()}
+        return read_peft_adapter(
+            path, name, shapes, self.max_rank, dtype, slices, self.unsupported_layers
+        )
 
     def unload_adapter(self, name: str) -> None:
         """Removes an adapter; waits for forwards in flight that use it."""
@@ -369,16 +379,28 @@ class AdapterManager:
             self._registry[name] = LoraAdapter(name=name, path="<frozen>", layers=served)
             self._place(name, adapter.slot)
 
-    def merge(self, spec) -> None:
-        """Folds one adapter (a name) or a weighted sum of adapters ({name: weight}) into the
-        base weights of every adapted layer. Refused while a merge is in effect. A merge that
-        fails midway (a result that would not be finite...) restores every layer it touched."""
-        weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
+    def merge(
+        self,
+        spec,
+        *,
+        method: str = "linear",
+        density: Optional[float] = None,
+        majority_sign: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Folds one adapter (a name) or a weighted combination of adapters ({name: weight})
+        into the base weights of every adapted layer. method: "linear" (the exact weighted sum
+        of the deltas) or one of PEFT's "ties", "dare_linear", "dare_ties", "magnitude_prune"
+        on full deltas, with density, majority_sign and seed (adaptfuse.merge explains each
+        and its memory). Refused while a merge is in effect. A merge that fails midway (a
+        result that would not be finite...) restores every layer it touched."""
+        weights = {spec: 1.0} if isinstance(spec, str) else {n: float(w) for n, w in spec.items()}
         if self.merged is not None:
             current = ", ".join(repr(n) for n in self.merged)
             raise ValueError(f"{current} is merged; call unmerge() first")
         if not weights:
             raise ValueError("merge() needs an adapter name or a non-empty {name: weight} mapping")
+        options = MergeOptions(method, density, majority_sign, seed)
         unknown = [n for n in weights if n not in self._registry]
         if unknown:
             raise KeyError(f"unknown adapter name(s) {unknown}; loaded: {self.adapters}")
@@ -386,40 +408,30 @@ class AdapterManager:
             self._refuse_trainable(n, "merge")
         from tqdm.auto import tqdm
 
-        records = []
+        done: list[LayerMerge] = []
         layers = list(self.layers.items())
         try:
             for path, layer in tqdm(layers, desc="merging", disable=len(layers) < 64, leave=False):
-                terms = [
-                    (self._registry[n].layers[path], float(w))
-                    for n, w in weights.items()
-                    if path in self._registry[n].layers
-                ]
-                if not terms:
-                    continue
-                device = layer.lora_A.device
-                A = [t.A.to(device) for t, _ in terms]
-                B = [t.B.to(device) for t, _ in terms]
-                coefficients = [w * t.scale for t, w in terms]
-                record = ops.merge_(layer.weight_out_in(), A, B, coefficients)
-                records.append((path, A, B, coefficients, record))
+                terms = merge_terms([(self._registry[n], w) for n, w in weights.items()], path)
+                if terms:
+                    done.append(merge_layer(path, layer.weight_out_in(), terms, options))
         except BaseException:
-            self._unmerge_layers(records)
+            self._unmerge_layers(done, options)
             raise
-        self._merge_records = records
+        self._merge_records, self._merge_options = done, options
         self.merged = weights
 
     def unmerge(self) -> None:
         """Restores every merged base weight bit for bit."""
         if self.merged is None:
             raise ValueError("no adapter is merged")
-        self._unmerge_layers(self._merge_records)
+        self._unmerge_layers(self._merge_records, self._merge_options)
         self._merge_records = []
         self.merged = None
 
-    def _unmerge_layers(self, records) -> None:
-        for path, A, B, coefficients, record in reversed(records):
-            ops.unmerge_(self.layers[path].weight_out_in(), A, B, coefficients, record)
+    def _unmerge_layers(self, merges: list[LayerMerge], options: MergeOptions) -> None:
+        for merge in reversed(merges):
+            unmerge_layer(self.layers[merge.path].weight_out_in(), merge, options)
 
     def check_merged_names(self, names: Sequence[Optional[str]]) -> None:
         """While merged, a batch may only name the single merged adapter (in every row)."""

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -235,16 +235,19 @@ def merge_(
     B: Sequence[torch.Tensor],
     coefficients: Sequence[float],
     *,
+    delta: Optional[torch.Tensor] = None,
     library: str = "adaptfuse",
 ) -> MergeRecord:
-    """In place: ``W[H_out, H_in] += sum_i coefficients[i] * B_i^T @ A_i``.
+    """In place: ``W[H_out, H_in] += delta + sum_i coefficients[i] * B_i^T @ A_i``.
 
     A_i: [r_i, H_in], B_i: [r_i, H_out] (rank-major, as stored in the slots); coefficient_i
-    is the merge weight times the adapter's scaling. The delta is computed in fp32 in a fixed
-    order and rounded once into W. Refuses (and leaves W bit-identical) when an element
-    would turn non-finite. Returns the record that unmerge_ needs.
+    is the merge weight times the adapter's scaling. delta: an optional fp32 [H_out, H_in]
+    full delta (TIES/DARE merges), the first addend; A, B and coefficients may then be
+    empty. The delta is computed in fp32 in a fixed order and rounded once into W. Refuses
+    (and leaves W bit-identical) when an element would turn non-finite. Returns the record
+    that unmerge_ needs.
     """
-    tensors = _op(library, "merge_")(W, list(A), list(B), [float(c) for c in coefficients])
+    tensors = _op(library, "merge_")(W, list(A), list(B), [float(c) for c in coefficients], delta)
     return MergeRecord(*tensors)
 
 
@@ -255,15 +258,16 @@ def unmerge_(
     coefficients: Sequence[float],
     record: MergeRecord,
     *,
+    delta: Optional[torch.Tensor] = None,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """Undo merge_ bit for bit: recompute the same delta, subtract, restore recorded elements.
 
-    Takes the same A, B and coefficients as the merge_ that produced ``record``, on the same
-    backend. Returns W.
+    Takes the same A, B, coefficients and full delta as the merge_ that produced ``record``,
+    on the same backend. Returns W.
     """
     _op(library, "unmerge_")(
-        W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record)
+        W, list(A), list(B), [float(c) for c in coefficients], *dataclasses.astuple(record), delta
     )
     return W
 
@@ -283,7 +287,7 @@ def _expand_fake(y, v, B, out_offsets, ranks, token_slots, token_order, slot_off
     return None
 
 
-def _merge_fake(W, A, B, coefficients):
+def _merge_fake(W, A, B, coefficients, delta=None):
     # The record's length depends on the data: declare it as such, never guess it.
     ctx = torch.library.get_ctx()
     entries = ctx.new_dynamic_size()
@@ -297,7 +301,9 @@ def _merge_fake(W, A, B, coefficients):
     )
 
 
-def _unmerge_fake(W, A, B, coefficients, tile_counts, offsets, corrections, escape_bits):
+def _unmerge_fake(
+    W, A, B, coefficients, tile_counts, offsets, corrections, escape_bits, delta=None
+):
     return None
 
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from adaptfuse import distributed
 from adaptfuse.adapters import matching_paths
 from adaptfuse.layers import LoraLayer, current_plan, layer_features
 from adaptfuse.manager import AdapterManager
@@ -111,11 +112,17 @@ def patch(
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r}")
     modules = {n: model.get_submodule(n) for n in names}
+    sharding, unsupported = distributed.shard_layouts(
+        model, modules, named_explicitly=target_modules not in (None, "all-linear")
+    )
+    modules = {n: m for n, m in modules.items() if n not in unsupported}
+    if not modules:
+        raise ValueError(f"no layer adaptfuse can adapt: {next(iter(unsupported.values()))}")
     per_device: dict[torch.device, int] = {}
-    for module in modules.values():
+    for name, module in modules.items():
         device = module.weight.device
         per_device[device] = per_device.get(device, 0) + LoraLayer.bank_bytes(
-            module, max_loras, max_rank
+            module, max_loras, max_rank, sharding[name]
         )
     for device, needed in per_device.items():
         free = _free_bytes(device)
@@ -130,7 +137,7 @@ def patch(
     layers: dict[str, LoraLayer] = {}
     try:  # all layers or none: a failure midway (out of memory...) puts back what was swapped
         for name, module in modules.items():
-            layers[name] = LoraLayer(module, max_loras, max_rank)
+            layers[name] = LoraLayer(module, max_loras, max_rank, sharding[name])
             _set_submodule(model, name, layers[name])
     except BaseException:
         for name, layer in layers.items():
@@ -138,7 +145,9 @@ def patch(
         raise
     for p in model.parameters():
         p.requires_grad_(False)
-    manager = AdapterManager(model, layers, max_loras, max_rank, sum(per_device.values()))
+    manager_class = distributed.TensorParallelManager if any(sharding.values()) else AdapterManager
+    manager = manager_class(model, layers, max_loras, max_rank, sum(per_device.values()))
+    manager.unsupported_layers = unsupported
     original_forward = model.forward
     had_own_forward = "forward" in model.__dict__  # e.g. accelerate's device hooks
 

@@ -20,7 +20,7 @@ import contextlib
 import os
 
 import torch
-from common import interleaved_medians, table, write_result
+from common import copy_bandwidth, interleaved_medians, table, write_result
 
 import adaptfuse
 from adaptfuse import ops
@@ -40,15 +40,6 @@ def slots_for(popularity: str, tokens: int, gen: torch.Generator) -> torch.Tenso
         return torch.arange(tokens, dtype=torch.int32)
     weights = 1.0 / torch.arange(1, tokens + 1, dtype=torch.float64) ** 1.5
     return torch.multinomial(weights, tokens, True, generator=gen).to(torch.int32)
-
-
-def copy_bandwidth(device: str, repeats: int) -> float:
-    """Bytes read plus bytes written per second of a large device-to-device copy."""
-    size = (512 << 20) if device.startswith("cuda") else (64 << 20)
-    source = torch.empty(size, dtype=torch.uint8, device=device).random_()
-    target = torch.empty_like(source)
-    timing = interleaved_medians({"copy": lambda: target.copy_(source)}, repeats, device)
-    return 2 * size / (timing["copy"]["median_us"] * 1e-6)
 
 
 def empty_launch_us(device: str, repeats: int) -> float:
@@ -156,9 +147,9 @@ def run(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     on_gpu = device.startswith("cuda")
     families = ["bgmv", "simple"] if on_gpu else ["cpu"]
-    shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
-    ranks = [16, 64] if args.quick else RANKS
-    tokens = [1, 16, 64] if args.quick else TOKENS
+    shapes = args.shapes or (DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES)
+    ranks = args.ranks or ([16, 64] if args.quick else RANKS)
+    tokens = args.tokens or ([1, 16, 64] if args.quick else TOKENS)
     copy_bw = copy_bandwidth(device, args.repeats)
     launch_us = empty_launch_us(device, args.repeats)
     rows = []
@@ -215,6 +206,14 @@ def run(args) -> dict:
     }
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        h_in, h_out = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not H_INxH_OUT, e.g. 4096x14336") from None
+    return h_in, h_out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -223,6 +222,16 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, choices=DTYPES)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        default=None,
+        metavar="H_INxH_OUT",
+        help="replace the sweep's shapes, e.g. 4096x14336",
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="replace the ranks")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="replace the T's")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")

@@ -48,9 +48,18 @@ def versions() -> dict:
     return found
 
 
-def random_llama(hidden: int, intermediate: int, layers: int):
-    """The benchmarks' random-weight Llama (DESIGN.md's CPU shape family): 16 heads, 8 KV
-    heads, vocab 32000, seeded."""
+def random_llama(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    heads: int = 16,
+    kv_heads: int = 8,
+):
+    """The benchmarks' random-weight Llama (DESIGN.md's CPU shape family by default: 16
+    heads, 8 KV heads, vocab 32000), seeded, built directly on `device` in `dtype` (an 8B
+    model initialised on the host would take minutes)."""
     import transformers
 
     torch.manual_seed(0)
@@ -58,12 +67,27 @@ def random_llama(hidden: int, intermediate: int, layers: int):
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=32000,
         pad_token_id=0,
     )
-    return transformers.LlamaForCausalLM(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes read plus bytes written per second of a large device-to-device copy."""
+    size = (512 << 20) if device.startswith("cuda") else (64 << 20)
+    source = torch.empty(size, dtype=torch.uint8, device=device).random_()
+    target = torch.empty_like(source)
+    timing = interleaved_medians({"copy": lambda: target.copy_(source)}, repeats, device)
+    return 2 * size / (timing["copy"]["median_us"] * 1e-6)
 
 
 def interleaved_medians(

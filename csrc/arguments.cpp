@@ -329,14 +329,29 @@ SegmentOuterArgs segment_outer_arguments(const at::Tensor& a, const at::Tensor& 
 }
 
 MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a, at::TensorList b,
-                          c10::ArrayRef<double> coefficients) {
+                          c10::ArrayRef<double> coefficients,
+                          const std::optional<at::Tensor>& delta) {
   MergeArgs args{};
   args.w_dtype = kernel_dtype(op, "W", w);
   check_dim(op, "W", w, 2, "[H_out, H_in]");
   TORCH_CHECK_VALUE(at::has_internal_overlap(w) != at::MemOverlap::Yes, "adaptfuse.", op,
                     ": argument 'W' has overlapping elements (strides ", w.strides(), ")");
-  TORCH_CHECK_VALUE(!a.empty() && a.size() <= static_cast<size_t>(kMaxMergeTerms), "adaptfuse.", op,
-                    ": argument 'A' must hold 1 to ", kMaxMergeTerms, " adapters, got ", a.size());
+  // A full delta alone (no low-rank terms) is a merge too: TIES/DARE fold in that way.
+  const size_t min_terms = delta.has_value() ? 0 : 1;
+  TORCH_CHECK_VALUE(a.size() >= min_terms && a.size() <= static_cast<size_t>(kMaxMergeTerms),
+                    "adaptfuse.", op, ": argument 'A' must hold ", min_terms, " to ",
+                    kMaxMergeTerms, " adapters, got ", a.size());
+  if (delta.has_value()) {
+    const at::Tensor& d = *delta;
+    check_dtype(op, "delta", d, at::kFloat);
+    check_dim(op, "delta", d, 2, "[H_out, H_in]");
+    check_same_device(op, "delta", d, "W", w);
+    check_size(op, "delta", d, 0, w.size(0), "H_out, W's dimension 0");
+    check_size(op, "delta", d, 1, w.size(1), "H_in, W's dimension 1");
+    args.dense_delta = d.data_ptr<float>();
+    args.dense_stride_out = d.stride(0);
+    args.dense_stride_in = d.stride(1);
+  }
   TORCH_CHECK_VALUE(b.size() == a.size() && coefficients.size() == a.size(), "adaptfuse.", op,
                     ": 'A', 'B' and 'coefficients' must have one entry per adapter; got ", a.size(),
                     ", ", b.size(), " and ", coefficients.size());

@@ -35,7 +35,8 @@ SegmentOuterArgs segment_outer_arguments(const at::Tensor& a, const at::Tensor& 
                                          const at::Tensor& slot_offsets);
 
 MergeArgs merge_arguments(const char* op, const at::Tensor& w, at::TensorList a, at::TensorList b,
-                          c10::ArrayRef<double> coefficients);
+                          c10::ArrayRef<double> coefficients,
+                          const std::optional<at::Tensor>& delta);
 
 int64_t merge_num_tiles(const MergeArgs& args);
 

@@ -23,10 +23,11 @@
   DEFINE(                                                                                         \
       "segment_outer(Tensor a, Tensor b, Tensor ranks, Tensor token_slots, Tensor token_order, "  \
       "Tensor slot_offsets) -> Tensor")                                                           \
-  /* W += sum_i coefficients[i] * B_i^T @ A_i; returns the exact-restore record. */               \
+  /* W += delta + sum_i coefficients[i] * B_i^T @ A_i (delta: an optional fp32 [H_out, H_in]  \
+     full delta, for TIES/DARE); returns the exact-restore record. */                             \
   DEFINE(                                                                                         \
-      "merge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients) -> "                    \
-      "(Tensor tile_counts, Tensor offsets, Tensor corrections, Tensor escape_bits)")             \
+      "merge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients, Tensor? delta=None) "   \
+      "-> (Tensor tile_counts, Tensor offsets, Tensor corrections, Tensor escape_bits)")           \
   DEFINE(                                                                                         \
       "unmerge_(Tensor(a!) W, Tensor[] A, Tensor[] B, float[] coefficients, Tensor tile_counts, " \
-      "Tensor offsets, Tensor corrections, Tensor escape_bits) -> ()")
+      "Tensor offsets, Tensor corrections, Tensor escape_bits, Tensor? delta=None) -> ()")

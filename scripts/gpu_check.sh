@@ -3,7 +3,7 @@
 # no network; builds for the local GPU's architecture only; each stage finishes in < 8 min.
 #   build-test  build, then the whole test suite (CUDA tests run for real)
 #   sanitize    compute-sanitizer memcheck/racecheck/synccheck on a representative subset
-#   bench       op, kernel (BGMV) and merge benchmarks on the device
+#   bench       op, kernel (BGMV) and merge (record, 8B swap vs PEFT) benchmarks on the device
 # Results go to benchmarks/results/ (and to $OUT when the device tool sets it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +54,9 @@ case "$STAGE" in
     build
     SUBSET=(tests/test_ops.py::test_expand_several_output_slices tests/test_ops.py::test_ops_are_deterministic
             tests/test_bgmv.py::test_request_bits_do_not_depend_on_the_batch
-            tests/test_merge.py::test_strided_weight_and_record_on_host tests/test_op_contract.py::test_empty_batches_are_no_ops)
+            tests/test_merge.py::test_strided_weight_and_record_on_host tests/test_op_contract.py::test_empty_batches_are_no_ops
+            tests/test_merge_methods.py::test_record_larger_than_the_staging_is_redone
+            tests/test_merge_methods.py::test_overflowing_full_delta_is_refused_and_w_restored)
     log="$RESULTS/${STAMP}_sanitize.txt"
     : > "$log"
     if ! command -v compute-sanitizer >/dev/null; then
@@ -79,7 +81,8 @@ case "$STAGE" in
     for dtype in bfloat16 float16; do
       timeout 150 "$PY" benchmarks/bench_ops.py --device cuda --dtype "$dtype" --repeats 50 || status=1
     done
-    timeout 150 "$PY" benchmarks/bench_merge.py --device cuda --dtype bfloat16 --repeats 10 || status=1
+    # Record sizes at 4096 x 4096, then the swap across Llama-3-8B's shapes against PEFT.
+    timeout 240 "$PY" benchmarks/bench_merge.py --device cuda --dtype bfloat16 --repeats 10 || status=1
     timeout 200 "$PY" benchmarks/bench_kernels.py --device cuda --dtype bfloat16 || status=1
     copy_out "$RESULTS"/*"${GPU}"*.json "$RESULTS"/*"${GPU}"*.png
     exit "$status"

@@ -79,9 +79,10 @@ BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """Integer bit patterns: -0.0 != 0.0 and NaN payloads count."""
-    t = t.detach().contiguous()
-    return (t.view(BIT_VIEW[t.dtype]) if t.is_floating_point() else t).cpu()
+    """Integer bit patterns (-0.0 != 0.0 and NaN payloads count), as a copy: a snapshot taken
+    before an in-place change must not follow the tensor."""
+    t = t.detach()
+    return (t.view(BIT_VIEW[t.dtype]) if t.is_floating_point() else t).cpu().clone()
 
 
 def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor"):

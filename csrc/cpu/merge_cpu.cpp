@@ -40,6 +40,11 @@ void for_each_tile_element(const MergeArgs& args, int64_t tile, std::vector<floa
     const int64_t length = std::min(args.h_in - first_column, tile_end - flat);
     deltas.assign(length, 0.0f);
     float* delta = deltas.data();
+    if (args.dense_delta != nullptr) {
+      const float* dense =
+          args.dense_delta + o * args.dense_stride_out + first_column * args.dense_stride_in;
+      for (int64_t j = 0; j < length; ++j) delta[j] = dense[j * args.dense_stride_in];
+    }
     for (int term_index = 0; term_index < args.num_terms; ++term_index) {
       const MergeTerm& term = args.terms[term_index];
       const auto* a = static_cast<const typename AdapterFormat::Bits*>(term.a) + first_column;
@@ -135,8 +140,9 @@ void unmerge_with_record(const MergeArgs& args, const at::Tensor& tile_counts,
 }
 
 MergeRecordTensors merge_cpu(const at::Tensor& w, at::TensorList a, at::TensorList b,
-                             c10::ArrayRef<double> coefficients) {
-  const MergeArgs args = merge_arguments("merge_", w, a, b, coefficients);
+                             c10::ArrayRef<double> coefficients,
+                             const std::optional<at::Tensor>& delta) {
+  const MergeArgs args = merge_arguments("merge_", w, a, b, coefficients, delta);
   const int64_t num_tiles = merge_num_tiles(args);
   std::vector<TileRecord> records(num_tiles);
   AF_FORMAT_SWITCH(args.w_dtype, WFormat, AF_FORMAT_SWITCH(args.adapter_dtype, AdapterFormat, {
@@ -183,8 +189,8 @@ MergeRecordTensors merge_cpu(const at::Tensor& w, at::TensorList a, at::TensorLi
 void unmerge_cpu(const at::Tensor& w, at::TensorList a, at::TensorList b,
                  c10::ArrayRef<double> coefficients, const at::Tensor& tile_counts,
                  const at::Tensor& offsets, const at::Tensor& corrections,
-                 const at::Tensor& escape_bits) {
-  const MergeArgs args = merge_arguments("unmerge_", w, a, b, coefficients);
+                 const at::Tensor& escape_bits, const std::optional<at::Tensor>& delta) {
+  const MergeArgs args = merge_arguments("unmerge_", w, a, b, coefficients, delta);
   check_merge_record(w, tile_counts, offsets, corrections, escape_bits);
   unmerge_with_record(args, tile_counts, offsets, corrections, escape_bits);
 }

@@ -41,17 +41,33 @@ cudaError_t launch_expand_bgmv(const ExpandArgs& args, cudaStream_t stream);
 // Weight gradients: out (zero-filled by the caller) gets each slot's sum of outer products.
 cudaError_t launch_segment_outer(const SegmentOuterArgs& args, cudaStream_t stream);
 
-// Pass 1 (W untouched): per tile, the number of record entries, of escapes and of elements
-// that would turn non-finite. tile_stats: int32 [num_tiles, 3].
-cudaError_t launch_merge_count(const MergeArgs& args, int32_t* tile_stats, cudaStream_t stream);
-// Pass 2: writes the merged W and the record; entry_starts/escape_starts: int64 [num_tiles].
-cudaError_t launch_merge_apply(const MergeArgs& args, const int64_t* entry_starts,
-                               const int64_t* escape_starts, int16_t* offsets, int8_t* corrections,
-                               int32_t* escape_bits, cudaStream_t stream);
-// Subtracts the same delta and restores the recorded elements.
-cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts,
+// Where merge_ writes record entries before their final places are known: per tile, room for
+// entry_capacity entries and escape_capacity escapes (at tile * capacity).
+struct MergeStaging {
+  int16_t* offsets;
+  int8_t* corrections;
+  int32_t* escape_bits;
+  int32_t entry_capacity, escape_capacity;
+};
+constexpr int kMergeStatsColumns = 4;  // entries, escapes, turned non-finite, elements merged
+// One pass over W: merges every tile and stages its record entries. A tile whose entries would
+// outgrow the staging stops before the step that would overflow; the rest of it is untouched
+// and its "elements merged" column says where it stopped. tile_stats: int32 [num_tiles, 4].
+cudaError_t launch_merge(const MergeArgs& args, const MergeStaging& staging, int32_t* tile_stats,
+                         cudaStream_t stream);
+// Copies the staged entries into the exact-size record; entry_starts/escape_starts: int64
+// [num_tiles], each tile's first entry and escape in the record.
+cudaError_t launch_merge_compact(const MergeArgs& args, const MergeStaging& staging,
+                                 const int32_t* tile_stats, const int64_t* entry_starts,
+                                 const int64_t* escape_starts, int16_t* offsets,
+                                 int8_t* corrections, int32_t* escape_bits, cudaStream_t stream);
+// Subtracts the same delta and restores the recorded elements. tile_counts: int32 [num_tiles,
+// count_columns] (entries, escapes first). merged_elements: int32 [num_tiles] with column
+// stride merged_stride, how far a stopped merge got in each tile; null for whole tiles.
+cudaError_t launch_unmerge(const MergeArgs& args, const int32_t* tile_counts, int count_columns,
                            const int64_t* entry_starts, const int64_t* escape_starts,
                            const int16_t* offsets, const int8_t* corrections,
-                           const int32_t* escape_bits, cudaStream_t stream);
+                           const int32_t* escape_bits, const int32_t* merged_elements,
+                           int merged_stride, cudaStream_t stream);
 
 }  // namespace adaptfuse

@@ -29,8 +29,9 @@ AF_HOST_DEVICE int64_t bits_difference(typename Format::Bits original,
   return static_cast<int64_t>(original) - static_cast<int64_t>(computed);
 }
 
-// merge_/unmerge_: W[o, i] (+/-)= sum_terms sum_k (c * B[k, o]) * A[k, i], in fp32, in this
-// fixed order (terms, then k), each product and sum rounded on its own.
+// merge_/unmerge_: W[o, i] (+/-)= D[o, i] + sum_terms sum_k (c * B[k, o]) * A[k, i], in fp32,
+// in this fixed order (the optional full delta D, then terms, then k), each product and sum
+// rounded on its own.
 constexpr int kMaxMergeTerms = 64;
 struct MergeTerm {
   const void* a;  // [r, H_in], inner stride 1
@@ -41,6 +42,8 @@ struct MergeTerm {
 struct MergeArgs {
   void* w;
   int64_t h_out, h_in, w_stride_out, w_stride_in;
+  const float* dense_delta;  // optional fp32 [H_out, H_in], the first addend of every delta
+  int64_t dense_stride_out, dense_stride_in;
   DType w_dtype, adapter_dtype;
   int num_terms;
   MergeTerm terms[kMaxMergeTerms];
@@ -49,7 +52,10 @@ struct MergeArgs {
 // The delta of one element; the CPU op computes the same sequence a row at a time.
 template <class AdapterFormat>
 AF_HOST_DEVICE float merge_delta(const MergeArgs& args, int64_t out_index, int64_t in_index) {
-  float delta = 0.0f;
+  float delta =
+      args.dense_delta == nullptr
+          ? 0.0f
+          : args.dense_delta[out_index * args.dense_stride_out + in_index * args.dense_stride_in];
   for (int term = 0; term < args.num_terms; ++term) {
     const MergeTerm& t = args.terms[term];
     for (int64_t k = 0; k < t.rank; ++k) {

@@ -1,0 +1,300 @@
+"""Tensor parallelism (DESIGN.md, "More than one GPU") on transformers' own plans:
+``from_pretrained(..., tp_plan="auto")`` under torchrun, with torch.distributed underneath
+(gloo on CPU, NCCL on GPUs). Nothing here is a parallel runtime: the base layers keep the
+sharding and the collectives transformers gave them, and adaptfuse fits its adapters in.
+
+Placement follows each adapted layer's base weight, a DTensor on a 1-D mesh:
+
+- column-parallel (transformers' ColwiseParallel styles: colwise, colwise_rep,
+  colwise_gather_output; weight Shard(0)): a rank owns rows of W, i.e. output features.
+  It holds A whole and its own rows of B; its part of the output needs nothing from others.
+- row-parallel (RowwiseParallel styles: rowwise, rowwise_rep, rowwise_split_input; weight
+  Shard(1)): a rank owns columns of W, i.e. input features. It holds its columns of A and B
+  whole; its shrink gives a partial v, and the ranks' partials must be summed.
+
+Where the sum happens: expand is linear in v, so sum_ranks(v_rank @ B) = (sum_ranks v_rank) @ B.
+Each rank adds the expand of its partial v to its partial base output *before* the all-reduce
+that the row-parallel base layer does anyway, so the adapters cost no collective at all.
+transformers installs that all-reduce in the wrapped nn.Linear's own forward (an instance
+attribute built by TensorParallelLayer.install_forward: inputs transform, local matmul,
+output transform with the collective); the adapted layer runs the same three steps of the
+same style object and adds its part between the matmul and the output transform. The same
+rule serves colwise_gather_output (the adapters' rows are added before the all-gather) and
+rowwise_split_input (the shrink reads the input slice the style cut).
+The alternative, an all-reduce of the small fp32 v [tokens, max_rank] after the base layer,
+costs one more collective per row-parallel layer and was slower in every case measured
+(benchmarks/bench_tp.py --row-reduce both; CPU, gloo, 2 ranks: see the module's results in
+benchmarks/results/).
+
+Layers under any other plan (packed or strided shards, replicated DTensors, plans transformers
+does not name, meshes of more than one dimension) are not adapted; patch refuses them by name
+and plan when target_modules names them, and an adapter that targets one is refused.
+
+Loads: each rank reads only its slices of the safetensors file (safe_open / get_slice) and
+validates them; the ranks then agree on the outcome (one all-reduce of a failure flag) before
+any slot is written, so a file that is corrupt only where one rank reads fails on every rank
+and leaves every rank as it was. Merges agree the same way. A forward needs no collective of
+its own: every rank builds the same plan from the same adapter_names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adaptfuse.adapters import AdapterError
+from adaptfuse.manager import AdapterManager
+
+T = TypeVar("T")
+
+COLUMN = "column"
+ROW = "row"
+
+
+class UnsupportedParallelLayer(ValueError):
+    """A layer whose tensor-parallel plan adaptfuse cannot adapt; names the layer and plan."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedLinear:
+    """How one nn.Linear is split across the ranks of its tensor-parallel mesh.
+
+    kind: COLUMN (this rank owns output features [start, stop)) or ROW (input features
+    [start, stop)). in_features/out_features: the whole layer's sizes.
+    """
+
+    path: str
+    plan: str
+    style: object  # transformers' TensorParallelLayer for `plan`
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh, one dimension
+    kind: str
+    start: int
+    stop: int
+    in_features: int
+    out_features: int
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+    @property
+    def local_features(self) -> tuple[int, int]:
+        """(H_in, H_out) as this rank's forward sees them: the sizes of its slot banks."""
+        if self.kind == COLUMN:
+            return self.in_features, self.stop - self.start
+        return self.stop - self.start, self.out_features
+
+    @property
+    def adapter_slices(self) -> tuple[slice, slice]:
+        """What this rank reads of a PEFT adapter for this layer: (columns of lora_A
+        [r, H_in], rows of lora_B [H_out, r])."""
+        own = slice(self.start, self.stop)
+        return (slice(None), own) if self.kind == COLUMN else (own, slice(None))
+
+    def forward(
+        self,
+        base: nn.Linear,
+        x: torch.Tensor,
+        args: tuple,
+        kwargs: dict,
+        add_adapters: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """base(x, *args, **kwargs) with add_adapters(x_local, y_local) applied to this rank's
+        own matmul output, between the style's matmul and its output collective."""
+        style, mesh = self.style, self.mesh
+        args, kwargs = style.transform_inputs_pre_forward(base, (x, *args), kwargs, mesh)
+        with style.context_around_forward(base, mesh):
+            y = nn.Linear.forward(base, *args, **kwargs)  # what install_forward wraps
+            y = self._add_to_shard(args[0], y, add_adapters)
+        return style.transform_output_post_forward(base, y, mesh)
+
+    def _add_to_shard(self, x, y, add_adapters):
+        from torch.distributed.tensor import DTensor, Partial
+
+        if not isinstance(y, DTensor):  # transformers' inference path: local tensors already
+            return add_adapters(x, y)
+        # With autograd, the style computes on DTensors; the adapter ops take this rank's
+        # local tensors. Column-parallel: x is replicated, and the adapters' gradient to it
+        # from this rank's rows of B is a partial sum. Row-parallel: x is this rank's input
+        # slice and its gradient is exactly this rank's slice (the default).
+        grad_placements = [Partial()] if self.kind == COLUMN else None
+        x_local = x.to_local(grad_placements=grad_placements)
+        y_local = add_adapters(x_local, y.to_local())
+        return DTensor.from_local(
+            y_local,
+            device_mesh=y.device_mesh,
+            placements=y.placements,
+            run_check=False,
+            shape=y.shape,
+            stride=y.stride(),
+        )
+
+
+def _shard_range(size: int, parts: int, index: int) -> tuple[int, int]:
+    """The rows [start, stop) that Shard(dim) gives mesh rank `index` of `parts` along a
+    dimension of `size`: torch.chunk's split, ceil(size / parts) each, the last ones
+    shorter or empty when size does not divide."""
+    chunk = -(-size // parts)
+    start = min(size, chunk * index)
+    return start, min(size, start + chunk)
+
+
+def _plan_name(model: nn.Module, path: str) -> Optional[str]:
+    """The style transformers' tp_plan gives the module at `path` (layer numbers in the plan
+    are wildcards), or None."""
+    plan = getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {}
+    generic = re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), path)
+    return plan.get(generic, plan.get(path))
+
+
+def sharded_linear(model: nn.Module, path: str, module: nn.Module) -> Optional[ShardedLinear]:
+    """How `module` (at `path` in `model`) is sharded, or None when its weight is a plain
+    tensor (every rank holds it whole: an ordinary layer). Raises UnsupportedParallelLayer,
+    naming the layer and its plan, for a sharded layer adaptfuse cannot adapt."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, DTensor):
+        return None
+    plan = _plan_name(model, path)
+    placements = tuple(weight.placements)
+
+    def refuse(why: str):
+        return UnsupportedParallelLayer(
+            f"layer {path} (tensor-parallel plan {plan!r}, weight placements {placements}): {why}"
+        )
+
+    if type(module) is not nn.Linear:
+        raise refuse("only plain nn.Linear layers are adapted under tensor parallelism")
+    if weight.device_mesh.ndim != 1:
+        raise refuse(f"its mesh has {weight.device_mesh.ndim} dimensions; adaptfuse needs one")
+    from transformers.integrations.tensor_parallel import (
+        ALL_PARALLEL_STYLES,
+        ColwiseParallel,
+        RowwiseParallel,
+    )
+
+    style = ALL_PARALLEL_STYLES[plan] if plan in ALL_PARALLEL_STYLES else None
+    if style is None:
+        raise refuse("its weight is sharded but transformers' tp_plan names no style for it")
+    only_shard = len(placements) == 1 and type(placements[0]) is Shard
+    if isinstance(style, ColwiseParallel) and only_shard and placements[0].dim == 0:
+        kind, size = COLUMN, module.out_features
+    elif isinstance(style, RowwiseParallel) and only_shard and placements[0].dim == 1:
+        kind, size = ROW, module.in_features
+    else:
+        raise refuse(
+            f"{type(style).__name__} is not a plan adaptfuse adapts (column-parallel "
+            "ColwiseParallel styles with Shard(0) weights, row-parallel RowwiseParallel "
+            "styles with Shard(1) weights)"
+        )
+    if "forward" not in module.__dict__:
+        raise refuse("transformers did not install its tensor-parallel forward on it")
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise refuse("it has forward hooks, which adaptfuse would skip around its local matmul")
+    mesh = weight.device_mesh
+    start, stop = _shard_range(size, mesh.size(), mesh.get_local_rank())
+    local = weight.to_local().shape[0 if kind == COLUMN else 1]
+    if local != stop - start:
+        raise refuse(
+            f"this rank holds {local} of its {size} {'output' if kind == COLUMN else 'input'} "
+            f"features where an even torch.chunk split gives {stop - start}"
+        )
+    return ShardedLinear(
+        path, plan, style, mesh, kind, start, stop, module.in_features, module.out_features
+    )
+
+
+def on_every_rank(
+    group, device: torch.device, attempt: Callable[[], T], what: str, error: type = AdapterError
+) -> T:
+    """Runs attempt() on this rank and returns its result only if it succeeded on every rank
+    of `group` (one all-reduce of a failure flag, plus a gather of the messages when one
+    failed). A rank whose own attempt failed re-raises its exception; the others raise
+    `error` naming the failed ranks and their exceptions."""
+    try:
+        result, failure = attempt(), None
+    except Exception as error:  # reported to the other ranks, then re-raised here
+        result, failure = None, error
+    failed = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if failed.item() == 0:
+        return result
+    messages: list = [None] * dist.get_world_size(group)
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+    dist.all_gather_object(messages, mine, group=group)
+    if failure is not None:
+        raise failure
+    reports = "; ".join(f"rank {rank}: {m}" for rank, m in enumerate(messages) if m is not None)
+    raise error(f"{what} failed on another rank, so on none ({reports})")
+
+
+class TensorParallelManager(AdapterManager):
+    """The AdapterManager of a tensor-parallel model: loads read this rank's slices and
+    commit only when every rank read and validated its part; merges commit only when every
+    rank's shards merged."""
+
+    def _sharded_layers(self) -> list[ShardedLinear]:
+        return [layer.tensor_parallel for layer in self.layers.values() if layer.tensor_parallel]
+
+    def _on_every_rank(self, attempt, what, error=AdapterError):
+        group = self._sharded_layers()[0].group
+        return on_every_rank(group, self.device, attempt, what, error)
+
+    def _read_adapter(self, path: str, name: str, dtype: torch.dtype, slices=None):
+        slices = {
+            p: layer.tensor_parallel.adapter_slices
+            for p, layer in self.layers.items()
+            if layer.tensor_parallel is not None
+        }
+        read_here = super()._read_adapter
+        return self._on_every_rank(
+            lambda: read_here(path, name, dtype, slices), f"loading {path!r}"
+        )
+
+    def _add_trainable(self, name, *args, **kwargs):
+        sharded = self._sharded_layers()[0]
+        raise ValueError(
+            f"cannot add trainable adapter {name!r}: training on a tensor-parallel model is not "
+            f"supported (layer {sharded.path} is sharded by plan {sharded.plan!r})"
+        )
+
+    def merge(self, spec, *, method: str = "linear", **options) -> None:
+        if method != "linear":
+            raise ValueError(
+                f"merge method {method!r} trims or samples each layer's whole delta, and on a "
+                "tensor-parallel model every rank holds only a shard of it: use method='linear'"
+            )
+        was_merged = self.merged is not None
+
+        def merge_here():
+            super(TensorParallelManager, self).merge(spec, method=method, **options)
+
+        try:
+            self._on_every_rank(merge_here, f"merge({spec!r})", RuntimeError)
+        except BaseException:
+            if not was_merged and self.merged is not None:
+                self.unmerge()  # merged here but failed on another rank: every rank unmerged
+            raise
+
+
+def shard_layouts(
+    model: nn.Module, modules: dict[str, nn.Module], named_explicitly: bool
+) -> tuple[dict[str, Optional[ShardedLinear]], dict[str, str]]:
+    """For patch: each target's ShardedLinear (None: held whole), and the targets adaptfuse
+    leaves alone with the reason. A target named explicitly (target_modules given as names
+    or a regex) that cannot be adapted is refused instead."""
+    layouts, unsupported = {}, {}
+    for path, module in modules.items():
+        try:
+            layouts[path] = sharded_linear(model, path, module)
+        except UnsupportedParallelLayer as error:
+            if named_explicitly:
+                raise
+            unsupported[path] = str(error)
+    return layouts, unsupported

@@ -1,0 +1,195 @@
+"""One process of a tensor-parallel test: tests/test_distributed.py launches it under
+`torchrun --nproc_per_node=N tp_worker.py case.json`. It loads the saved random model with
+transformers' tp_plan="auto" (gloo on CPU), patches it, loads the PEFT adapters, runs the
+checks the case names and writes what it saw to <out>/rank<R>.pt; the test compares that
+with PEFT run in a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import transformers
+
+import adaptfuse
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def load_tensor_parallel(case: dict, **options):
+    options.setdefault("tp_plan", "auto")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        case["model"], dtype=torch.float32, **options
+    ).eval()
+
+
+def slot_state(manager) -> dict:
+    """Everything a load may change on this rank: registered names, slot table (LRU order),
+    and every layer's slot banks as bit patterns."""
+    banks = {}
+    for path, layer in manager.layers.items():
+        for name in ("lora_A", "lora_B", "lora_ranks", "lora_scale_bits"):
+            banks[f"{path}.{name}"] = bits(getattr(layer, name)).clone()
+    return {"adapters": manager.adapters, "slots": list(manager._slot_of.items()), "banks": banks}
+
+
+def same_state(before: dict, after: dict) -> bool:
+    return (
+        before["adapters"] == after["adapters"]
+        and before["slots"] == after["slots"]
+        and all(torch.equal(before["banks"][k], after["banks"][k]) for k in before["banks"])
+    )
+
+
+def check_logits(model, manager, inputs, case):
+    with torch.no_grad():
+        adapted = model(
+            inputs["ids"], attention_mask=inputs["mask"], adapter_names=case["names"]
+        ).logits
+        plain = model(inputs["ids"], attention_mask=inputs["mask"]).logits
+    return {"adapted": adapted, "plain": plain}
+
+
+def check_grad(model, manager, inputs, case):
+    """A forward with autograd through frozen adapters: the input gets the adapters' part of
+    its gradient (transformers' DTensor path, not its inference path), the model none."""
+    embeds = inputs["embeds"].clone().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, adapter_names=case["grad_names"]).logits
+    logits.float().pow(2).mean().backward()
+    return {
+        "embeds_grad": embeds.grad,
+        "parameters_without_grad": all(p.grad is None for p in model.parameters()),
+    }
+
+
+def check_generate(model, manager, inputs, case):
+    with torch.no_grad():
+        tokens = model.generate(
+            input_ids=inputs["gen_ids"],
+            attention_mask=inputs["gen_mask"],
+            adapter_names=case["gen_names"],
+            max_new_tokens=case["max_new_tokens"],
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return {"tokens": tokens}
+
+
+def check_merge(model, manager, inputs, case):
+    """Serves an adapter, merges it into this rank's shards, serves the merged model, then
+    runs `cycles` merge/unmerge cycles (single and weighted merges alternating) and counts
+    the elements of every shard whose bits did not come back after each cycle."""
+    merged_name = case["merge_adapter"]
+    ids = inputs["ids"]
+    names = [merged_name] * ids.shape[0]
+    shards = {path: layer.weight_out_in() for path, layer in manager.layers.items()}
+    original = {path: bits(w).clone() for path, w in shards.items()}
+    with torch.no_grad():
+        served = model(ids, adapter_names=names).logits
+        manager.merge(merged_name)
+        merged_shards = {path: w.clone() for path, w in shards.items()}
+        merged_logits = model(ids).logits
+        manager.unmerge()
+    weighted = dict(zip(manager.adapters, (0.5, -0.25, 1.5), strict=False))
+    mismatches = []
+    for cycle in range(case["cycles"]):
+        manager.merge(merged_name if cycle % 2 == 0 else weighted)
+        manager.unmerge()
+        mismatches.append(sum(int((bits(w) != original[path]).sum()) for path, w in shards.items()))
+    layout = {
+        path: (layer.tensor_parallel.kind, layer.tensor_parallel.start, layer.tensor_parallel.stop)
+        for path, layer in manager.layers.items()
+        if layer.tensor_parallel is not None
+    }
+    return {
+        "served": served,
+        "merged_logits": merged_logits,
+        "merged_shards": merged_shards,
+        "layout": layout,
+        "mismatches_per_cycle": mismatches,
+    }
+
+
+def check_failed_loads(model, manager, inputs, case):
+    """Loads adapters that are corrupt only where some ranks read: every rank must refuse,
+    and every rank's adapters, slots and logits must stay exactly as they were."""
+    outcomes = {}
+    for label, path in case["corrupt"].items():
+        before = slot_state(manager)
+        with torch.no_grad():
+            logits_before = model(inputs["ids"], adapter_names=case["names"]).logits
+        try:
+            manager.load_adapter(path, adapter_name=f"corrupt-{label}")
+            error = None
+        except Exception as exception:  # the test reads the type and message
+            error = f"{type(exception).__name__}: {exception}"
+        with torch.no_grad():
+            logits_after = model(inputs["ids"], adapter_names=case["names"]).logits
+        outcomes[label] = {
+            "error": error,
+            "unchanged": same_state(before, slot_state(manager)),
+            "same_logits": torch.equal(bits(logits_before), bits(logits_after)),
+        }
+    return outcomes
+
+
+def check_unsupported_plan(model, manager, inputs, case):
+    """A layer under a plan adaptfuse does not adapt: refused by name when targeted
+    explicitly, left alone by all-linear, and an adapter that targets it is refused."""
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    plan = {case["unsupported_layer"]: case["unsupported_plan"]}
+    other = load_tensor_parallel(
+        case, tp_plan=None, distributed_config=DistributedConfig(tp_plan=plan)
+    )
+    messages = {}
+    try:
+        adaptfuse.patch(other, target_modules=[case["unsupported_layer"].rsplit(".", 1)[-1]])
+        messages["explicit"] = None
+    except ValueError as error:
+        messages["explicit"] = str(error)
+    other_manager = adaptfuse.patch(other)
+    messages["left_alone"] = sorted(other_manager.unsupported_layers)
+    try:
+        other_manager.load_adapter(case["adapters"][case["merge_adapter"]], adapter_name="x")
+        messages["load"] = None
+    except adaptfuse.AdapterError as error:
+        messages["load"] = str(error)
+    return messages
+
+
+CHECKS = {
+    "logits": check_logits,
+    "grad": check_grad,
+    "generate": check_generate,
+    "merge": check_merge,
+    "failed_loads": check_failed_loads,
+    "unsupported_plan": check_unsupported_plan,
+}
+
+
+def main(case_path: str) -> None:
+    with open(case_path) as f:
+        case = json.load(f)
+    torch.manual_seed(0)
+    model = load_tensor_parallel(case)
+    rank = dist.get_rank()
+    manager = adaptfuse.patch(model, max_loras=case["max_loras"], max_rank=case["max_rank"])
+    for name, path in case["adapters"].items():
+        manager.load_adapter(path, adapter_name=name)
+    inputs = torch.load(case["inputs"])
+    results = {"manager": type(manager).__name__}
+    for check in case["checks"]:
+        results[check] = CHECKS[check](model, manager, inputs, case)
+    torch.save(results, os.path.join(case["out"], f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
