@@ -22,9 +22,11 @@ same style object and adds its part between the matmul and the output transform.
 rule serves colwise_gather_output (the adapters' rows are added before the all-gather) and
 rowwise_split_input (the shrink reads the input slice the style cut).
 The alternative, an all-reduce of the small fp32 v [tokens, max_rank] after the base layer,
-costs one more collective per row-parallel layer and was slower in every case measured
-(benchmarks/bench_tp.py --row-reduce both; CPU, gloo, 2 ranks: see the module's results in
-benchmarks/results/).
+costs one more collective per row-parallel layer. Measured side by side (benchmarks/bench_tp.py,
+DESIGN.md's CPU shape, 8 layers, 16 sequences, 8 adapters of rank 16 on all 7 projections,
+2 processes over gloo on 2 cores, medians): one decode step 93.8 ms this way against 110.6 ms
+with the extra all-reduce (base model 82.5 ms: adapter overhead 1.14x against 1.34x); the
+prefill of 64-token prompts 1502 ms against 1504 ms (base 1448 ms), equal within noise.
 
 Layers under any other plan (packed or strided shards, replicated DTensors, plans transformers
 does not name, meshes of more than one dimension) are not adapted; patch refuses them by name
@@ -35,6 +37,13 @@ validates them; the ranks then agree on the outcome (one all-reduce of a failure
 any slot is written, so a file that is corrupt only where one rank reads fails on every rank
 and leaves every rank as it was. Merges agree the same way. A forward needs no collective of
 its own: every rank builds the same plan from the same adapter_names.
+
+Training: trainable adapters hold each rank's part as served ones do (mgr.named_parameters
+gives this rank's parts under PEFT's names). The factor every rank holds whole (A of a
+column-parallel layer, B of a row-parallel one) gets a partial gradient on each rank, summed
+across ranks by a gradient hook, so every rank takes the same optimizer step. A new adapter's
+random draw is group rank 0's on every rank; save_adapter gathers the parts and group rank 0
+writes the folder. lora_dropout is refused (each rank would draw its own masks).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from torch import nn
 
 from adaptfuse.adapters import AdapterError
 from adaptfuse.manager import AdapterManager
+from adaptfuse.training import save_peft_folder
 
 T = TypeVar("T")
 
@@ -95,6 +105,34 @@ class ShardedLinear:
         [r, H_in], rows of lora_B [H_out, r])."""
         own = slice(self.start, self.stop)
         return (slice(None), own) if self.kind == COLUMN else (own, slice(None))
+
+    @property
+    def replicated_factor(self) -> str:
+        """The adapter factor every rank holds whole: "A" (column-parallel) or "B" (row)."""
+        return "A" if self.kind == COLUMN else "B"
+
+    def own_part(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of an adapter's A [r, H_in] and B [r, H_out] given whole."""
+        if self.kind == COLUMN:
+            return A, B[:, self.start : self.stop]
+        return A[:, self.start : self.stop], B
+
+    def gather_whole(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole A [r, H_in], B [r, H_out] from every rank's part (a collective: every
+        rank of the group calls it, in the same order)."""
+        parts: list = [None] * self.mesh.size()
+        sharded = B if self.kind == COLUMN else A
+        dist.all_gather_object(parts, sharded.detach().cpu(), group=self.group)
+        whole = torch.cat(parts, dim=1).to(sharded.device)
+        return (A, whole) if self.kind == COLUMN else (whole, B)
+
+    def sum_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient hook of the factor every rank holds whole: each rank's gradient is a
+        partial sum (column-parallel: over its output rows; row-parallel: over its input
+        columns), and every rank must step with the whole sum."""
+        grad = grad.clone()
+        dist.all_reduce(grad, group=self.group)
+        return grad
 
     def forward(
         self,
@@ -219,8 +257,8 @@ def on_every_rank(
     `error` naming the failed ranks and their exceptions."""
     try:
         result, failure = attempt(), None
-    except Exception as error:  # reported to the other ranks, then re-raised here
-        result, failure = None, error
+    except Exception as exception:  # reported to the other ranks, then re-raised here
+        result, failure = None, exception
     failed = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
     if failed.item() == 0:
@@ -237,7 +275,8 @@ def on_every_rank(
 class TensorParallelManager(AdapterManager):
     """The AdapterManager of a tensor-parallel model: loads read this rank's slices and
     commit only when every rank read and validated its part; merges commit only when every
-    rank's shards merged."""
+    rank's shards merged; trainable adapters train this rank's parts. Every rank calls every
+    method in the same order, as with any torch.distributed program."""
 
     def _sharded_layers(self) -> list[ShardedLinear]:
         return [layer.tensor_parallel for layer in self.layers.values() if layer.tensor_parallel]
@@ -257,12 +296,49 @@ class TensorParallelManager(AdapterManager):
             lambda: read_here(path, name, dtype, slices), f"loading {path!r}"
         )
 
-    def _add_trainable(self, name, *args, **kwargs):
-        sharded = self._sharded_layers()[0]
-        raise ValueError(
-            f"cannot add trainable adapter {name!r}: training on a tensor-parallel model is not "
-            f"supported (layer {sharded.path} is sharded by plan {sharded.plan!r})"
-        )
+    def _add_trainable(self, name, path, weights, r, lora_alpha, use_rslora, lora_dropout):
+        """Trainable adapters hold this rank's part of each layer, as served ones do. Weights
+        come whole from add_adapter (a random draw: every rank takes group rank 0's, so that
+        the parts fit together) and already in parts from load_adapter. The factor every rank
+        holds whole gets its gradient summed across ranks."""
+        if lora_dropout:
+            raise ValueError(
+                f"cannot add trainable adapter {name!r} with lora_dropout={lora_dropout} on a "
+                "tensor-parallel model: each rank would draw its own dropout masks"
+            )
+        group = self._sharded_layers()[0].group
+        parts = {}
+        for layer_path, (A, B, scale) in weights.items():
+            layer = self.layers[layer_path]
+            if (A.shape[1], B.shape[1]) == layer.full_features:
+                A, B = A.to(self.device), B.to(self.device)
+                for tensor in (A, B):
+                    dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+                if layer.tensor_parallel is not None:
+                    A, B = layer.tensor_parallel.own_part(A, B)
+            parts[layer_path] = (A, B, scale)
+        super()._add_trainable(name, path, parts, r, lora_alpha, use_rslora, lora_dropout)
+        for layer_path, trainable in self._trainable[name].layers.items():
+            sharded = self.layers[layer_path].tensor_parallel
+            if sharded is not None:
+                replicated = trainable.A if sharded.replicated_factor == "A" else trainable.B
+                replicated.register_hook(sharded.sum_gradient)
+
+    def save_adapter(self, name: str, directory: str) -> None:
+        """Every rank calls it: the parts are gathered, and group rank 0 writes the whole
+        adapter as a PEFT folder."""
+        adapter = self._trainable_adapter(name)
+        whole = {}
+        for layer_path, trainable in adapter.layers.items():
+            A, B = trainable.A.detach(), trainable.B.detach().t()
+            sharded = self.layers[layer_path].tensor_parallel
+            if sharded is not None:
+                A, B = sharded.gather_whole(A, B)
+            whole[layer_path] = dataclasses.replace(trainable, A=A, B=B.t())
+        group = self._sharded_layers()[0].group
+        if dist.get_rank(group) == 0:
+            save_peft_folder(dataclasses.replace(adapter, layers=whole), directory, False)
+        dist.barrier(group=group)
 
     def merge(self, spec, *, method: str = "linear", **options) -> None:
         if method != "linear":

@@ -67,6 +67,10 @@ class LoraLayer(nn.Module):
     tensor_parallel (adaptfuse.distributed.ShardedLinear): how the base layer is sharded;
     the banks then hold this rank's slice, and H_in/H_out are the sizes this rank sees."""
 
+    # patch(..., batch_invariant=True): CUDA splits fixed by shapes and one kernel family for
+    # every token, so a request's bits never depend on the rest of its batch.
+    batch_invariant = False
+
     def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int, tensor_parallel=None):
         super().__init__()
         features = layer_features(base_layer)
@@ -188,8 +192,13 @@ class LoraLayer(nn.Module):
             rate = torch.where(slots >= 0, self.train_dropout[slots.clamp(min=0).long()], 0.0)
             keep = torch.rand(tokens.shape, device=tokens.device) >= rate[:, None]
             tokens = tokens.float() * keep / (1.0 - rate[:, None])
-        v = ops.shrink(tokens, bank_A, self.train_ranks, self.train_scales, plan)
-        return ops.expand(v, [bank_B], [0], self.out_features, self.train_ranks, plan)
+        invariant = self.batch_invariant
+        v = ops.shrink(
+            tokens, bank_A, self.train_ranks, self.train_scales, plan, batch_invariant=invariant
+        )
+        return ops.expand(
+            v, [bank_B], [0], self.out_features, self.train_ranks, plan, batch_invariant=invariant
+        )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plans = current_plan.get()
@@ -226,12 +235,21 @@ class LoraLayer(nn.Module):
             # Frozen adapters in a forward with gradients: an ordinary forward, whose
             # activations get the adapters' part of their gradient (the adapters get none).
             delta = _FrozenLoraDelta.apply(
-                tokens, self.lora_A, self.lora_B, self.lora_ranks, self.lora_scales, *plan
+                self.batch_invariant,
+                tokens,
+                self.lora_A,
+                self.lora_B,
+                self.lora_ranks,
+                self.lora_scales,
+                *plan,
             )
             return y + delta.view(y.shape)
-        v = ops.shrink(tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan)
+        invariant = self.batch_invariant
+        v = ops.shrink(
+            tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan, batch_invariant=invariant
+        )
         out = y.view(-1, self.out_features)
-        ops.expand_(out, v, [self.lora_B], [0], self.lora_ranks, plan)
+        ops.expand_(out, v, [self.lora_B], [0], self.lora_ranks, plan, batch_invariant=invariant)
         return y
 
 
@@ -240,20 +258,23 @@ class _FrozenLoraDelta(torch.autograd.Function):
     and the banks swapped: dx = expand(shrink(d_delta, B), A)."""
 
     @staticmethod
-    def forward(ctx, tokens, A, B, ranks, scales, token_slots, token_order, slot_offsets):
+    def forward(
+        ctx, invariant, tokens, A, B, ranks, scales, token_slots, token_order, slot_offsets
+    ):
         plan = ops.Plan(token_slots, token_order, slot_offsets)
-        v = ops.shrink(tokens, A, ranks, scales, plan)
+        v = ops.shrink(tokens, A, ranks, scales, plan, batch_invariant=invariant)
         delta = tokens.new_zeros(tokens.shape[0], B.shape[2])
-        ops.expand_(delta, v, [B], [0], ranks, plan)
+        ops.expand_(delta, v, [B], [0], ranks, plan, batch_invariant=invariant)
         ctx.save_for_backward(A, B, ranks, scales, token_slots, token_order, slot_offsets)
-        ctx.tokens_dtype = tokens.dtype
+        ctx.tokens_dtype, ctx.invariant = tokens.dtype, invariant
         return delta
 
     @staticmethod
     def backward(ctx, grad_delta):
         A, B, ranks, scales, token_slots, token_order, slot_offsets = ctx.saved_tensors
         plan = ops.Plan(token_slots, token_order, slot_offsets)
-        dv = ops.shrink(grad_delta.contiguous(), B, ranks, scales, plan)
+        invariant = ctx.invariant
+        dv = ops.shrink(grad_delta.contiguous(), B, ranks, scales, plan, batch_invariant=invariant)
         grad_tokens = grad_delta.new_zeros(grad_delta.shape[0], A.shape[2], dtype=ctx.tokens_dtype)
-        ops.expand_(grad_tokens, dv, [A], [0], ranks, plan)
-        return grad_tokens, None, None, None, None, None, None, None
+        ops.expand_(grad_tokens, dv, [A], [0], ranks, plan, batch_invariant=invariant)
+        return None, grad_tokens, None, None, None, None, None, None, None

@@ -271,10 +271,10 @@ class AdapterManager:
                     f"outside 1..max_rank={self.max_rank} given to patch()"
                 )
             alpha = float(pattern_value(alpha_pattern, path, lora_alpha))
-            layer = self.layers[path]
-            A = torch.empty(rank, layer.in_features)
+            h_in, h_out = self.layers[path].full_features  # the whole layer's, even when sharded
+            A = torch.empty(rank, h_in)
             nn.init.kaiming_uniform_(A, a=5**0.5)  # nn.Linear's default, as PEFT initialises
-            B = torch.zeros(rank, layer.out_features)
+            B = torch.zeros(rank, h_out)
             weights[path] = (A, B, lora_scale(alpha, rank, use_rslora))
         self._add_trainable(
             adapter_name,

@@ -40,9 +40,11 @@ def _op(library: str, name: str):
     return getattr(getattr(torch.ops, library), name).default
 
 
-KERNEL_FAMILIES = ("auto", "simple", "bgmv")
-"""shrink/expand kernel families of the CUDA dispatcher: "auto" (production), "simple" (the
-foundation's one-block-per-token kernels, the baseline) and "bgmv" (the decode kernels)."""
+KERNEL_FAMILIES = ("auto", "simple", "bgmv", "sgmv")
+"""shrink/expand kernel families of the CUDA dispatcher: "auto" (production: SGMV when the
+tokens outnumber 16 per slot or the call is batch-invariant, else BGMV), "simple" (the
+foundation's one-block-per-token kernels, the baseline), "bgmv" (the decode kernels) and
+"sgmv" (the prefill kernels, on tensor cores for fp16/bf16)."""
 
 
 @contextlib.contextmanager
@@ -113,15 +115,19 @@ def shrink(
     scales: torch.Tensor,
     plan: Plan,
     *,
+    batch_invariant: bool = False,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """``v[t, :rank(s)] = scales[s] * (x[t] @ A[s, :rank(s)]^T)``, s = slot of t.
 
     x: [T, H_in] (fp32/fp16/bf16, stride 1 along H_in); A: [S, R_max, H_in].
     Returns v: fp32 [T, R_max], zero for tokens without a slot and beyond each slot's rank.
+    batch_invariant: the CUDA kernels fix every split by the layer's shapes and run every
+    token through one kernel family, so a token's bits do not depend on the rest of the batch
+    (``patch(..., batch_invariant=True)``); the CPU ops are deterministic either way.
     """
     return _op(library, "shrink")(
-        x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets
+        x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets, batch_invariant
     )
 
 
@@ -133,6 +139,7 @@ def expand_(
     ranks: torch.Tensor,
     plan: Plan,
     *,
+    batch_invariant: bool = False,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """In place: ``y[t, off_i:off_i + H_out_i] += v[t, col_i:col_i + rank(s)] @ B_i[s, :rank(s)]``.
@@ -140,7 +147,7 @@ def expand_(
     One launch covers several output slices (fused projections): B_i is [S, R_max_i, H_out_i],
     slice i reads v's columns starting at col_i = R_max_0 + ... + R_max_{i-1}, so v is
     fp32 [T, sum_i R_max_i]. The sum is accumulated in fp32 and rounded once into y's dtype.
-    Tokens without a slot are left untouched. Returns y.
+    Tokens without a slot are left untouched. batch_invariant: as in shrink. Returns y.
     """
     _op(library, "expand_")(
         y,
@@ -151,6 +158,7 @@ def expand_(
         plan.token_slots,
         plan.token_order,
         plan.slot_offsets,
+        batch_invariant,
     )
     return y
 
@@ -163,6 +171,7 @@ def expand(
     ranks: torch.Tensor,
     plan: Plan,
     *,
+    batch_invariant: bool = False,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """Functional expand (training): a new fp32 ``[T, h_out]`` tensor holding zero plus what
@@ -176,6 +185,7 @@ def expand(
         plan.token_slots,
         plan.token_order,
         plan.slot_offsets,
+        batch_invariant,
     )
 
 
@@ -279,11 +289,15 @@ def _plan_fake(token_slots, num_slots):
     return token_slots.new_empty(token_slots.shape), token_slots.new_empty((num_slots + 1,))
 
 
-def _shrink_fake(x, A, ranks, scales, token_slots, token_order, slot_offsets):
+def _shrink_fake(
+    x, A, ranks, scales, token_slots, token_order, slot_offsets, batch_invariant=False
+):
     return x.new_empty((x.shape[0], A.shape[1]), dtype=torch.float32)
 
 
-def _expand_fake(y, v, B, out_offsets, ranks, token_slots, token_order, slot_offsets):
+def _expand_fake(
+    y, v, B, out_offsets, ranks, token_slots, token_order, slot_offsets, batch_invariant=False
+):
     return None
 
 
@@ -308,7 +322,7 @@ def _unmerge_fake(
 
 
 def _expand_functional_fake(
-    v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets
+    v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets, batch_invariant=False
 ):
     return v.new_empty((v.shape[0], h_out), dtype=torch.float32)
 
@@ -342,8 +356,12 @@ def _token_scales(scales: torch.Tensor, token_slots: torch.Tensor) -> torch.Tens
 
 
 def _register_autograd(library: str) -> None:
+    # The backward uses the forward's batch_invariant (inputs carry it when the caller passed
+    # it; the schema's default otherwise), and returns no gradient for it.
     def shrink_setup(ctx, inputs, output):
-        x, A, ranks, scales, token_slots, token_order, slot_offsets = inputs
+        x, A, ranks, scales, token_slots, token_order, slot_offsets, *flag = inputs
+        ctx.batch_invariant = bool(flag[0]) if flag else False
+        ctx.num_inputs = len(inputs)
         ctx.save_for_backward(x, A, ranks, scales, token_slots, token_order, slot_offsets)
 
     def shrink_backward(ctx, grad_v):
@@ -352,14 +370,25 @@ def _register_autograd(library: str) -> None:
         scaled = (grad_v * _token_scales(scales, token_slots)[:, None]).contiguous()
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
-            grad_x = expand(scaled, [A], [0], A.shape[2], ranks, plan, library=library)
+            grad_x = expand(
+                scaled,
+                [A],
+                [0],
+                A.shape[2],
+                ranks,
+                plan,
+                batch_invariant=ctx.batch_invariant,
+                library=library,
+            )
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_A = segment_outer(scaled, x, ranks, plan, library=library).to(A.dtype)
-        return grad_x, grad_A, None, None, None, None, None
+        return (grad_x, grad_A) + (None,) * (ctx.num_inputs - 2)
 
     def expand_setup(ctx, inputs, output):
-        v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets = inputs
+        v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets, *flag = inputs
+        ctx.batch_invariant = bool(flag[0]) if flag else False
+        ctx.num_inputs = len(inputs)
         ctx.out_offsets = list(out_offsets)
         ctx.num_slices = len(B)
         ctx.save_for_backward(v, ranks, token_slots, token_order, slot_offsets, *B)
@@ -378,7 +407,13 @@ def _register_autograd(library: str) -> None:
             dy = grad_y[:, offset : offset + width]
             if grad_v is not None:
                 grad_v[:, column : column + capacity] = shrink(
-                    dy, slice_B, slice_ranks, ones, plan, library=library
+                    dy,
+                    slice_B,
+                    slice_ranks,
+                    ones,
+                    plan,
+                    batch_invariant=ctx.batch_invariant,
+                    library=library,
                 )
             if ctx.needs_input_grad[1]:
                 v_slice = v[:, column : column + capacity].contiguous()
@@ -386,15 +421,8 @@ def _register_autograd(library: str) -> None:
                     segment_outer(v_slice, dy, slice_ranks, plan, library=library).to(slice_B.dtype)
                 )
             column += capacity
-        return (
-            grad_v,
-            grad_B if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        return (grad_v, grad_B if ctx.needs_input_grad[1] else None) + (None,) * (
+            ctx.num_inputs - 2
         )
 
     torch.library.register_autograd(

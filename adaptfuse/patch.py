@@ -104,10 +104,6 @@ def patch(
         raise ValueError("this model is already patched; call adaptfuse.unpatch(model) first")
     if max_loras < 1 or max_rank < 1:
         raise ValueError(f"max_loras and max_rank must be positive, got {max_loras} and {max_rank}")
-    if batch_invariant:
-        raise NotImplementedError(
-            "batch_invariant=True comes with the SGMV dispatcher; not available yet"
-        )
     names = _targets(model, target_modules)
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r}")
@@ -138,6 +134,7 @@ def patch(
     try:  # all layers or none: a failure midway (out of memory...) puts back what was swapped
         for name, module in modules.items():
             layers[name] = LoraLayer(module, max_loras, max_rank, sharding[name])
+            layers[name].batch_invariant = bool(batch_invariant)
             _set_submodule(model, name, layers[name])
     except BaseException:
         for name, layer in layers.items():

@@ -11,6 +11,12 @@ launches <= 1.5 x (empty-launch time + byte bound)).
     python benchmarks/bench_kernels.py --device cpu --quick     # CPU ops vs gather + bmm
 
 On CPU there are no kernel families: the CPU ops are timed against gather + bmm.
+
+Prefill (CUDA only; skipped with a message on CPU): SGMV shrink + expand on segments of
+tokens that share an adapter, against torch._grouped_mm (where this torch and GPU have it)
+and a torch loop of per-segment matmuls on the same data, and as a fraction of the roofline
+max(FLOPs / matmul rate, bytes / copy bandwidth), both rates measured in the same run
+(DESIGN.md targets: faster than both, >= 60% of roofline).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ RANKS = [8, 16, 64, 128]
 TOKENS = [1, 4, 16, 64, 256]
 POPULARITY = ["distinct", "identical", "zipf"]
 LARGE_LAUNCH_BYTES = 4 << 20
+PREFILL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+PREFILL_TOKENS = [16, 256, 1024, 4096, 8192]
+PREFILL_SEGMENTS = [1, 4, 16, 64]
+PREFILL_SKIPPED = "prefill section skipped: the SGMV kernels run on CUDA only (--device cpu)"
 
 
 def slots_for(popularity: str, tokens: int, gen: torch.Generator) -> torch.Tensor:
@@ -96,6 +106,116 @@ def decode_case(h_in, h_out, rank, tokens, popularity, dtype, device, repeats, g
         "bytes": shrink_bytes + expand_bytes,
         "timings": timings,
     }
+
+
+def matmul_rate(device: str, dtype: torch.dtype, repeats: int) -> float:
+    """FLOP/s of one large dense matmul through torch (the tensor-core ceiling of the run)."""
+    n = 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timings = interleaved_medians({"matmul": lambda: torch.matmul(a, b)}, repeats, device)
+    return 2 * n**3 / (timings["matmul"]["median_us"] * 1e-6)
+
+
+def prefill_case(h_in, h_out, rank, tokens, segments, dtype, device, repeats, gen):
+    """Segments of (nearly) equal length, each its own adapter, tokens contiguous per segment
+    (as a prefill batch lays them out)."""
+    lengths = [tokens // segments + (1 if i < tokens % segments else 0) for i in range(segments)]
+    ends = torch.tensor(lengths).cumsum(0)
+    slots = torch.repeat_interleave(torch.arange(segments), torch.tensor(lengths))
+    element = torch.finfo(dtype).bits // 8
+    x = torch.randn(tokens, h_in, generator=gen).to(dtype).to(device)
+    y = torch.randn(tokens, h_out, generator=gen).to(dtype).to(device)
+    A = (torch.randn(segments, rank, h_in, generator=gen) * h_in**-0.5).to(dtype).to(device)
+    B = (torch.randn(segments, rank, h_out, generator=gen) * rank**-0.5).to(dtype).to(device)
+    ranks = torch.full((segments,), rank, dtype=torch.int32, device=device)
+    scales = torch.ones(segments, device=device)
+    plan = ops.plan(slots.to(torch.int32).to(device), segments)
+    flops = 2 * tokens * rank * (h_in + h_out)
+    nbytes = (
+        segments * rank * (h_in + h_out) * element
+        + tokens * h_in * element
+        + 2 * tokens * rank * 4
+        + 2 * tokens * h_out * element
+    )
+    bounds = [0, *ends.tolist()]
+
+    def adaptfuse_step():
+        v = ops.shrink(x, A, ranks, scales, plan)
+        ops.expand_(y, v, [B], [0], ranks, plan)
+
+    def torch_loop():
+        for s in range(segments):
+            rows = slice(bounds[s], bounds[s + 1])
+            v = (x[rows] @ A[s].T).float() * scales[s]
+            y[rows] += (v.to(dtype) @ B[s]).to(dtype)
+
+    offsets = ends.to(torch.int32).to(device)
+    A_t = A.transpose(1, 2)
+
+    def grouped_mm():
+        v = torch._grouped_mm(x, A_t, offs=offsets)
+        y.add_(torch._grouped_mm(v, B, offs=offsets))
+
+    candidates = {
+        "sgmv": family_step("sgmv", adaptfuse_step),
+        "auto": family_step("auto", adaptfuse_step),
+        "torch_loop": torch_loop,
+    }
+    grouped_status = "unavailable: this torch has no torch._grouped_mm"
+    if hasattr(torch, "_grouped_mm"):
+        try:
+            grouped_mm()
+            torch.cuda.synchronize()
+            candidates["grouped_mm"] = grouped_mm
+            grouped_status = "measured"
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            grouped_status = f"unavailable: {str(error).splitlines()[0]}"
+    timings = interleaved_medians(candidates, repeats, device)
+    return {
+        "h_in": h_in,
+        "h_out": h_out,
+        "rank": rank,
+        "tokens": tokens,
+        "segments": segments,
+        "flops": flops,
+        "bytes": nbytes,
+        "grouped_mm": grouped_status,
+        "timings": timings,
+    }
+
+
+def prefill_section(args, copy_bw: float) -> dict:
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(1)
+    rate = matmul_rate(args.device, dtype, args.repeats)
+    shapes = args.shapes or (PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES)
+    ranks = args.ranks or ([16] if args.quick else RANKS)
+    tokens = args.tokens or ([256, 4096] if args.quick else PREFILL_TOKENS)
+    rows = []
+    for (h_in, h_out), rank, count, segments in [
+        (shape, rank, count, segments)
+        for shape in shapes
+        for rank in ranks
+        for count in tokens
+        for segments in PREFILL_SEGMENTS
+        if segments <= count
+    ]:
+        row = prefill_case(
+            h_in, h_out, rank, count, segments, dtype, args.device, args.repeats, gen
+        )
+        floor_s = max(row["flops"] / rate, row["bytes"] / copy_bw)
+        sgmv_us = row["timings"]["sgmv"]["median_us"]
+        row["roofline_us"] = floor_s * 1e6
+        row["fraction_of_roofline"] = floor_s / (sgmv_us * 1e-6)
+        for baseline in ("torch_loop", "grouped_mm"):
+            if baseline in row["timings"]:
+                row[f"ratio_to_{baseline}"] = sgmv_us / row["timings"][baseline]["median_us"]
+        row["meets_target"] = row["fraction_of_roofline"] >= 0.60 and all(
+            row.get(f"ratio_to_{b}", 0.0) < 1.0 for b in ("torch_loop", "grouped_mm")
+        )
+        rows.append(row)
+    return {"matmul_flops_per_s": rate, "cases": rows}
 
 
 def family_step(family: str, step):
@@ -203,6 +323,7 @@ def run(args) -> dict:
         "copy_bandwidth_bytes_per_s": copy_bw,
         "empty_launch_us": launch_us,
         "decode": summary,
+        "prefill": prefill_section(args, copy_bw) if on_gpu else PREFILL_SKIPPED,
     }
 
 
@@ -270,6 +391,25 @@ def main(argv=None):
         "target",
     ]
     print(table(rows, header))
+    if isinstance(result["prefill"], str):
+        print(result["prefill"])
+    else:
+        prefill_rows = [
+            (
+                f"{r['h_in']}/{r['h_out']}",
+                r["rank"],
+                r["tokens"],
+                r["segments"],
+                f"{r['timings']['sgmv']['median_us']:.1f}",
+                f"{r['fraction_of_roofline']:.2f}",
+                f"{r.get('ratio_to_grouped_mm', float('nan')):.2f}",
+                f"{r['ratio_to_torch_loop']:.2f}",
+                "yes" if r["meets_target"] else "NO",
+            )
+            for r in result["prefill"]["cases"]
+        ]
+        header = ["H_in/H_out", "r", "T", "segs", "sgmv us", "roofline", "/grouped", "/loop"]
+        print(table(prefill_rows, [*header, "target"]))
     print(
         f"copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
         f"empty launch {result['empty_launch_us']:.1f} us; wrote {path}"

@@ -212,6 +212,8 @@ ShrinkArgs shrink_arguments(const at::Tensor& x, const at::Tensor& a, const at::
   args.ranks = ranks.data_ptr<int32_t>();
   args.scales = scales.data_ptr<float>();
   args.token_slots = token_slots.data_ptr<int32_t>();
+  args.token_order = token_order.data_ptr<int32_t>();
+  args.slot_offsets = slot_offsets.data_ptr<int32_t>();
   return args;
 }
 
@@ -286,6 +288,8 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   args.v_row_stride = v.stride(0);
   args.ranks = ranks.data_ptr<int32_t>();
   args.token_slots = token_slots.data_ptr<int32_t>();
+  args.token_order = token_order.data_ptr<int32_t>();
+  args.slot_offsets = slot_offsets.data_ptr<int32_t>();
   args.num_slots = num_slots;
   args.num_tokens = y.size(0);
   args.num_slices = static_cast<int>(b.size());

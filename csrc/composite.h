@@ -14,7 +14,8 @@ namespace adaptfuse {
 template <const char* kLibrary>
 at::Tensor expand_functional(const at::Tensor& v, at::TensorList b, c10::IntArrayRef out_offsets,
                              int64_t h_out, const at::Tensor& ranks, const at::Tensor& token_slots,
-                             const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+                             const at::Tensor& token_order, const at::Tensor& slot_offsets,
+                             bool batch_invariant) {
   TORCH_CHECK_VALUE(v.dim() == 2, "adaptfuse.expand: argument 'v' must be [T, sum of R_max_i], ",
                     "got shape ", v.sizes());
   for (size_t i = 0; i < b.size() && i < out_offsets.size(); ++i) {
@@ -28,9 +29,10 @@ at::Tensor expand_functional(const at::Tensor& v, at::TensorList b, c10::IntArra
       c10::Dispatcher::singleton()
           .findSchemaOrThrow(c10::str(kLibrary, "::expand_").c_str(), "")
           .typed<void(const at::Tensor&, const at::Tensor&, at::TensorList, c10::IntArrayRef,
-                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&)>();
-  expand_in_place.call(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      bool)>();
+  expand_in_place.call(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets,
+                       batch_invariant);
   return y;
 }
 

@@ -14,7 +14,7 @@ inline PyObject* kernel_family_python(PyObject*, PyObject* args) {
   const char* previous = kernel_family_name(kernel_family());
   if (name != nullptr && !set_kernel_family_by_name(name)) {
     PyErr_Format(PyExc_ValueError,
-                 "unknown kernel family '%s'; expected 'auto', 'simple' or 'bgmv'", name);
+                 "unknown kernel family '%s'; expected 'auto', 'simple', 'bgmv' or 'sgmv'", name);
     return nullptr;
   }
   return PyUnicode_FromString(previous);
@@ -25,4 +25,4 @@ inline PyObject* kernel_family_python(PyObject*, PyObject* args) {
 #define ADAPTFUSE_KERNEL_FAMILY_METHOD                                                         \
   {"kernel_family", ::adaptfuse::kernel_family_python, METH_VARARGS,                           \
    "kernel_family([name]) -> the previous family: which shrink/expand kernels the dispatcher " \
-   "uses ('auto', or 'simple'/'bgmv' for benchmarks and tests)."}
+   "uses ('auto', or 'simple'/'bgmv'/'sgmv' for benchmarks and tests)."}

@@ -38,8 +38,10 @@ std::tuple<at::Tensor, at::Tensor> plan_op(const at::Tensor& token_slots, int64_
 template <class Backend>
 at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                      const at::Tensor& scales, const at::Tensor& token_slots,
-                     const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+                     const at::Tensor& token_order, const at::Tensor& slot_offsets,
+                     bool batch_invariant) {
   ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
+  args.batch_invariant = batch_invariant;
   const typename Backend::Guard guard(x);
   // Zero-filled: the kernel writes every row of a token, but T may be 0 or R_max 0.
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
@@ -59,9 +61,11 @@ at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
 template <class Backend>
 void expand_op(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                c10::IntArrayRef out_offsets, const at::Tensor& ranks, const at::Tensor& token_slots,
-               const at::Tensor& token_order, const at::Tensor& slot_offsets) {
-  const ExpandArgs args =
+               const at::Tensor& token_order, const at::Tensor& slot_offsets,
+               bool batch_invariant) {
+  ExpandArgs args =
       expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
+  args.batch_invariant = batch_invariant;
   const typename Backend::Guard guard(y);
   check_launch(launch_expand(args, Backend::stream(y)), "expand_");
 }

@@ -134,3 +134,33 @@ def token_slots_for(popularity: str, num_tokens: int, num_slots: int, gen) -> to
     else:
         raise ValueError(f"unknown popularity {popularity!r}")
     return slots.to(torch.int32)
+
+
+def check_shrink_expand(
+    x, A, B, offsets, y, extra_v, token_slots, ranks, scales, dtype, library, **options
+):
+    """shrink then expand_ (options: e.g. batch_invariant) against adaptfuse.reference with
+    DESIGN.md's tolerance: v within tolerance and zero beyond each token's rank, y within
+    tolerance, rows without a slot bit-identical. extra_v: the v columns of slices 1.., random.
+    Returns (v, y) for bit comparisons."""
+    from adaptfuse import ops, reference
+
+    plan = ops.plan(token_slots, A.shape[0], library=library)
+    v = ops.shrink(x, A, ranks, scales, plan, library=library, **options)
+    exact_v = reference.shrink(x, A, ranks, scales, token_slots)
+    plain_v = reference.shrink(x, A, ranks, scales, token_slots, dtype=dtype)
+    assert_within_torch_error(v, exact_v, plain_v, torch.float32, "shrink")
+    slots = token_slots.long().cpu()
+    token_rank = torch.where(slots >= 0, ranks.cpu().long()[slots.clamp(min=0)], 0)
+    beyond = torch.arange(A.shape[1])[None, :] >= token_rank[:, None]
+    assert bool((v.cpu()[beyond] == 0).all()), "shrink: nonzero beyond a token's rank"
+
+    v_all = torch.cat([v, extra_v], dim=1)
+    exact_y = reference.expand(y, v_all, B, offsets, ranks, token_slots)
+    plain_y = reference.expand(y, v_all, B, offsets, ranks, token_slots, dtype=dtype)
+    y_before = y.clone()
+    ops.expand_(y, v_all, B, offsets, ranks, plan, library=library, **options)
+    assert_within_torch_error(y, exact_y, plain_y, dtype, "expand_")
+    untouched = (token_slots < 0).cpu()
+    assert_bit_identical(y.cpu()[untouched], y_before.cpu()[untouched], "slot -1 rows")
+    return v, y

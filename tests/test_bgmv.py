@@ -17,6 +17,7 @@ from conftest import (
     Target,
     assert_bit_identical,
     assert_within_torch_error,
+    check_shrink_expand,
     target_param,
     token_slots_for,
 )
@@ -105,26 +106,7 @@ def build(case: dict, device: str):
 
 
 def run_case(case: dict, target: Target):
-    x, A, B, offsets, y, extra_v, token_slots, ranks, scales = build(case, target.device)
-    library = target.library
-    plan = ops.plan(token_slots, A.shape[0], library=library)
-    v = ops.shrink(x, A, ranks, scales, plan, library=library)
-    exact_v = reference.shrink(x, A, ranks, scales, token_slots)
-    plain_v = reference.shrink(x, A, ranks, scales, token_slots, dtype=case["dtype"])
-    assert_within_torch_error(v, exact_v, plain_v, torch.float32, "shrink")
-    slots = token_slots.long().cpu()
-    token_rank = torch.where(slots >= 0, ranks.cpu().long()[slots.clamp(min=0)], 0)
-    beyond = torch.arange(A.shape[1])[None, :] >= token_rank[:, None]
-    assert bool((v.cpu()[beyond] == 0).all()), "shrink: nonzero beyond a token's rank"
-
-    v_all = torch.cat([v, extra_v], dim=1)
-    exact_y = reference.expand(y, v_all, B, offsets, ranks, token_slots)
-    plain_y = reference.expand(y, v_all, B, offsets, ranks, token_slots, dtype=case["dtype"])
-    y_before = y.clone()
-    ops.expand_(y, v_all, B, offsets, ranks, plan, library=library)
-    assert_within_torch_error(y, exact_y, plain_y, case["dtype"], "expand_")
-    untouched = (token_slots < 0).cpu()
-    assert_bit_identical(y.cpu()[untouched], y_before.cpu()[untouched], "slot -1 rows")
+    check_shrink_expand(*build(case, target.device), case["dtype"], target.library)
 
 
 PARAMS = [

@@ -681,3 +681,22 @@ def test_grad_through_frozen_adapters_matches_peft(workdir):
     embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
     base(inputs_embeds=embeds).logits.float().pow(2).mean().backward()
     assert (grads[1] - embeds.grad)[0].abs().max() > 1e-6  # the adapters' part is there
+
+
+def test_batch_invariant_patch_reaches_every_layer(workdir):
+    """patch(..., batch_invariant=True) hands the flag to every op call of every layer; the
+    CPU ops are deterministic and ignore it (DESIGN.md), so the logits equal the default's."""
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    paths = save_adapters(base, "llama", workdir)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    logits = {}
+    for invariant in (False, True):
+        model = copy.deepcopy(base)
+        manager = adaptfuse.patch(model, max_loras=2, max_rank=16, batch_invariant=invariant)
+        assert all(layer.batch_invariant is invariant for layer in manager.layers.values())
+        for name, path in paths.items():
+            manager.load_adapter(path, adapter_name=name)
+        with torch.no_grad():
+            logits[invariant] = model(ids, adapter_names=["adapter0", "adapter1"]).logits
+    assert torch.equal(bits(logits[True]), bits(logits[False]))

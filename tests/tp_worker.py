@@ -47,12 +47,31 @@ def same_state(before: dict, after: dict) -> bool:
 
 
 def check_logits(model, manager, inputs, case):
+    """Mixed-batch and base logits, and how many all-reduces each forward made: the
+    adapters must add none (each rank builds the same plan from the same names)."""
+    original = dist.all_reduce
+    calls = {"adapted": 0, "plain": 0}
+
+    def forward_counting_all_reduces(which, **kwargs):
+        # transformers' row-parallel layers call torch.distributed.all_reduce by attribute
+        def all_reduce(*args, **options):
+            calls[which] += 1
+            return original(*args, **options)
+
+        dist.all_reduce = all_reduce
+        try:
+            return model(inputs["ids"], attention_mask=inputs["mask"], **kwargs).logits
+        finally:
+            dist.all_reduce = original
+
     with torch.no_grad():
-        adapted = model(
-            inputs["ids"], attention_mask=inputs["mask"], adapter_names=case["names"]
-        ).logits
-        plain = model(inputs["ids"], attention_mask=inputs["mask"]).logits
-    return {"adapted": adapted, "plain": plain}
+        adapted = forward_counting_all_reduces("adapted", adapter_names=case["names"])
+        plain = forward_counting_all_reduces("plain")
+    return {
+        "adapted": adapted,
+        "plain": plain,
+        "all_reduces": (calls["adapted"], calls["plain"]),
+    }
 
 
 def check_grad(model, manager, inputs, case):
@@ -163,6 +182,52 @@ def check_unsupported_plan(model, manager, inputs, case):
     return messages
 
 
+def check_training(model, manager, inputs, case):
+    """Trainable adapters resumed from PEFT folders, trained on a mixed batch: every rank's
+    parameter parts and their gradients, the parts after one AdamW step, that adapter saved
+    (gathered whole); and a new adapter's initial parts, drawn from a seed that differs per
+    rank on purpose (the ranks must still agree on one draw). The stepped adapter, frozen,
+    then serves."""
+    layout = {
+        path: (layer.tensor_parallel.kind, layer.tensor_parallel.start, layer.tensor_parallel.stop)
+        for path, layer in manager.layers.items()
+        if layer.tensor_parallel is not None
+    }
+    trained = {}
+    for name in case["train_adapters"]:
+        trained[name] = manager.load_adapter(
+            case["adapters"][name], adapter_name=f"train-{name}", trainable=True
+        )
+    names = [None if n is None else f"train-{n}" for n in case["train_names"]]
+    model.train()
+    logits = model(inputs["train_ids"], adapter_names=names).logits
+    adaptfuse.per_adapter_loss(logits, inputs["train_labels"], names).backward()
+    gradients = {
+        name: {k: p.grad.clone() for k, p in manager.named_parameters(own)}
+        for name, own in trained.items()
+    }
+    stepped = case["train_adapters"][0]
+    optimizer = torch.optim.AdamW(manager.parameters(trained[stepped]), lr=1e-3)
+    optimizer.step()
+    after_step = {k: p.detach().clone() for k, p in manager.named_parameters(trained[stepped])}
+    manager.save_adapter(trained[stepped], case["saved"])
+    model.eval()
+    manager.freeze(trained[stepped])
+    with torch.no_grad():
+        frozen = model(inputs["ids"][: len(names)], adapter_names=[trained[stepped]] * len(names))
+    frozen = frozen.logits
+    torch.manual_seed(case["init_seed"] + dist.get_rank())
+    manager.add_adapter("fresh", r=3, lora_alpha=6)
+    fresh = {k: p.detach().clone() for k, p in manager.named_parameters("fresh")}
+    return {
+        "layout": layout,
+        "gradients": gradients,
+        "after_step": after_step,
+        "frozen_logits": frozen,
+        "fresh": fresh,
+    }
+
+
 CHECKS = {
     "logits": check_logits,
     "grad": check_grad,
@@ -170,6 +235,7 @@ CHECKS = {
     "merge": check_merge,
     "failed_loads": check_failed_loads,
     "unsupported_plan": check_unsupported_plan,
+    "training": check_training,
 }
 
 

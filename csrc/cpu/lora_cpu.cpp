@@ -166,7 +166,8 @@ at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order
 
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                       const at::Tensor& scales, const at::Tensor& token_slots,
-                      const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+                      const at::Tensor& token_order, const at::Tensor& slot_offsets,
+                      bool /*batch_invariant: the CPU path is deterministic, not invariant*/) {
   const ShrinkArgs args =
       shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
@@ -287,7 +288,8 @@ void expand_vectorized(const ExpandArgs& args, const std::vector<Segment>& chunk
 void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                 c10::IntArrayRef out_offsets, const at::Tensor& ranks,
                 const at::Tensor& token_slots, const at::Tensor& token_order,
-                const at::Tensor& slot_offsets) {
+                const at::Tensor& slot_offsets,
+                bool /*batch_invariant: the CPU path is deterministic, not invariant*/) {
   const ExpandArgs args =
       expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
   if (args.num_tokens == 0) return;

@@ -5,3 +5,4 @@
 #include "kernels/lora_grad.cu"      // NOLINT(bugprone-suspicious-include)
 #include "kernels/merge.cu"          // NOLINT(bugprone-suspicious-include)
 #include "kernels/plan.cu"           // NOLINT(bugprone-suspicious-include)
+#include "kernels/sgmv.cu"           // NOLINT(bugprone-suspicious-include)

@@ -110,7 +110,7 @@ __global__ void bgmv_shrink_kernel(ShrinkArgs args, int64_t splits) {
 }
 
 // v[t, k] = scale * (sum of the splits' partials in split order), zero beyond the rank.
-__global__ void bgmv_shrink_combine(ShrinkArgs args, int64_t splits) {
+__global__ void shrink_combine_kernel(ShrinkArgs args, int64_t splits) {
   const int64_t t = blockIdx.x;
   int32_t slot;
   const int64_t rank =
@@ -227,7 +227,11 @@ cudaError_t launch_shrink_bgmv(const ShrinkArgs& args, cudaStream_t stream) {
                                  grid, block, 0, stream, args, splits);
       }));
   if (status != cudaSuccess || splits == 1) return status;
-  return AF_LAUNCH("bgmv_shrink_combine", bgmv_shrink_combine,
+  return launch_shrink_combine(args, splits, stream);
+}
+
+cudaError_t launch_shrink_combine(const ShrinkArgs& args, int64_t splits, cudaStream_t stream) {
+  return AF_LAUNCH("shrink_combine_kernel", shrink_combine_kernel,
                    dim3(static_cast<unsigned>(args.num_tokens)), dim3(128), 0, stream, args,
                    splits);
 }

@@ -25,11 +25,13 @@ cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream);
 
 // Which kernels the dispatcher uses: kAuto in production; the others for benchmarks and
 // tests that measure or check one family on its own.
-enum class KernelFamily : int { kAuto = 0, kSimple = 1, kBgmv = 2 };
+enum class KernelFamily : int { kAuto = 0, kSimple = 1, kBgmv = 2, kSgmv = 3 };
 void set_kernel_family(KernelFamily family);
 KernelFamily kernel_family();
-const char* kernel_family_name(KernelFamily family);  // "auto", "simple", "bgmv"
+const char* kernel_family_name(KernelFamily family);  // "auto", "simple", "bgmv", "sgmv"
 bool set_kernel_family_by_name(const char* name);     // false for an unknown name
+// The family kAuto picks for a launch (from shapes alone; see lora_dispatch.cu).
+KernelFamily auto_kernel_family(int64_t num_tokens, int64_t num_slots, bool batch_invariant);
 
 // The families themselves.
 cudaError_t launch_shrink_simple(const ShrinkArgs& args, cudaStream_t stream);
@@ -37,6 +39,12 @@ cudaError_t launch_expand_simple(const ExpandArgs& args, cudaStream_t stream);
 cudaError_t launch_shrink_bgmv(const ShrinkArgs& args, cudaStream_t stream);
 int64_t bgmv_shrink_workspace_floats(const ShrinkArgs& args);
 cudaError_t launch_expand_bgmv(const ExpandArgs& args, cudaStream_t stream);
+cudaError_t launch_shrink_sgmv(const ShrinkArgs& args, cudaStream_t stream);
+int64_t sgmv_shrink_workspace_floats(const ShrinkArgs& args);
+cudaError_t launch_expand_sgmv(const ExpandArgs& args, cudaStream_t stream);
+// The ordered combine of H_in splits shared by BGMV and SGMV: v[t, k] = scale * (the sum of
+// workspace[split, t, k] over the splits, in split order), zero beyond the rank.
+cudaError_t launch_shrink_combine(const ShrinkArgs& args, int64_t splits, cudaStream_t stream);
 
 // Weight gradients: out (zero-filled by the caller) gets each slot's sum of outer products.
 cudaError_t launch_segment_outer(const SegmentOuterArgs& args, cudaStream_t stream);

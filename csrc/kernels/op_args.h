@@ -27,12 +27,17 @@ struct ShrinkArgs {
   int64_t a_slot_stride, a_rank_stride;
   DType a_dtype;
   int64_t num_slots, max_rank, h_in, num_tokens;
-  const int32_t* ranks;        // [S]
-  const float* scales;         // [S]
-  const int32_t* token_slots;  // [T]
-  float* v;                    // [T, R_max], inner stride 1
+  const int32_t* ranks;         // [S]
+  const float* scales;          // [S]
+  const int32_t* token_slots;   // [T]
+  const int32_t* token_order;   // [T], the plan: tokens grouped by slot
+  const int32_t* slot_offsets;  // [S + 1]
+  float* v;                     // [T, R_max], inner stride 1, zero-filled by the caller
   int64_t v_row_stride;
   float* workspace;  // shrink_workspace_floats(args) floats, or null when that is 0
+  // Every split fixed by the layer's shapes and one kernel family for every token: a token's
+  // bits never depend on the rest of the batch (patch(..., batch_invariant=True)).
+  bool batch_invariant;
 };
 // expand: y[t, off_i + o] += sum_k v[t, col_i + k] * B_i[s, k, o], k < ranks[s], per slice i.
 constexpr int kMaxExpandSlices = 8;
@@ -48,10 +53,13 @@ struct ExpandArgs {
   DType b_dtype;
   const float* v;  // [T, sum_i R_max_i]
   int64_t v_row_stride;
-  const int32_t* ranks;        // [S]
-  const int32_t* token_slots;  // [T]
+  const int32_t* ranks;         // [S]
+  const int32_t* token_slots;   // [T]
+  const int32_t* token_order;   // [T], the plan: tokens grouped by slot
+  const int32_t* slot_offsets;  // [S + 1]
   int64_t num_slots, num_tokens;
   int num_slices;
+  bool batch_invariant;  // as in ShrinkArgs
   ExpandSlice slices[kMaxExpandSlices];
 };
 // segment_outer: out[s, k, :] = sum over the tokens t of slot s, in token order, of
