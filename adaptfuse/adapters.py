@@ -450,3 +450,285 @@ def merge_terms(
         for adapter, weight in weighted
         if module in adapter.layers
     ]
+
+
+# ---- AdapterHub bottleneck adapters (DESIGN.md, "Bottleneck adapters") ----------------------
+
+ADAPTERHUB_WEIGHTS_FILE = "adapter.safetensors"
+ADAPTERHUB_PICKLE_FILE = "pytorch_adapter.bin"
+BOTTLENECK_POINTS = ("attn_out", "mlp_out", "block_out", "par_bn")
+"""Where a bottleneck adapter acts in a pre-LN decoder block: on the attention output (s + f(s),
+then the residual add), on the MLP output (the same), on the block output after its residual
+add (h + f(h): seq_bn), and parallel to the MLP (f of the residual stream entering the MLP
+sub-block, added to the MLP's output: par_bn)."""
+MAX_BOTTLENECK_DIM = 256
+BOTTLENECK_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
+
+# A weight key of save_adapter: blocks path, block index, attention or output adapter, name.
+_BOTTLENECK_KEY = re.compile(
+    r"(?:(.*)\.)?(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\."
+    r"(adapter_down\.0|adapter_up)\.(weight|bias)"
+)
+# BnConfig fields that decide what adaptfuse computes (checked below).
+_BN_READ_FIELDS = {
+    "mh_adapter",
+    "output_adapter",
+    "reduction_factor",
+    "non_linearity",
+    "original_ln_before",
+    "original_ln_after",
+    "residual_before_ln",
+    "is_parallel",
+    "scaling",
+    "leave_out",
+}
+# Fields with no effect on a served adapter: initialisation, training-time dropout, and options
+# that only apply together with one refused below (phm_*, ln_after, inv_adapter).
+_BN_INERT_FIELDS = {
+    "architecture",
+    "init_weights",
+    "init_weights_seed",
+    "dropout",
+    "adapter_residual_before_ln",
+    "inv_adapter_reduction_factor",
+    "phm_dim",
+    "factorized_phm_W",
+    "shared_W_phm",
+    "shared_phm_rule",
+    "factorized_phm_rule",
+    "phm_c_init",
+    "phm_init_range",
+    "learn_phm",
+    "hypercomplex_nonlinearity",
+    "phm_rank",
+    "phm_bias",
+}
+
+
+@dataclasses.dataclass
+class BottleneckWeights:
+    """One insertion point of one block, as served: down [m, H] and up [m, H] (AdapterHub's
+    adapter_up.weight [H, m] transposed once, rank-major like LoRA's B) in the model's dtype;
+    down_bias [m] and up_bias [H] in fp32."""
+
+    down: torch.Tensor
+    down_bias: torch.Tensor
+    up: torch.Tensor
+    up_bias: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclasses.dataclass
+class BottleneckAdapter:
+    """A registered AdapterHub bottleneck adapter: f(h) = scaling * (up act(down h + b_down) +
+    b_up) at each (block index, point) of `points`."""
+
+    name: str
+    path: str
+    activation: str
+    scaling: float
+    points: dict[tuple[int, str], BottleneckWeights]
+
+
+def is_adapterhub_folder(path: str) -> bool:
+    """Whether a folder holds an AdapterHub adapter (its weights file, or a config whose options
+    sit under "config", as save_adapter writes them) rather than a PEFT one."""
+    if not os.path.isdir(path):
+        return False
+    if any(
+        os.path.isfile(os.path.join(path, f))
+        for f in (ADAPTERHUB_WEIGHTS_FILE, ADAPTERHUB_PICKLE_FILE)
+    ):
+        return True
+    try:
+        _, config = _read_config(path)
+    except AdapterError:
+        return False
+    return isinstance(config.get("config"), dict) and "peft_type" not in config
+
+
+def _bottleneck_points(options: dict, config_path: str) -> tuple[dict[str, str], list[str]]:
+    """{"attention_adapters" / "output_adapters": point} of a BnConfig, and its problems."""
+    problems = []
+
+    def refuse(message):
+        problems.append(f"{config_path}: {message} is not supported by adaptfuse")
+
+    if options.get("architecture", "bottleneck") not in (None, "bottleneck"):
+        refuse(f"architecture={options['architecture']!r} (only bottleneck adapters)")
+    for field, value in options.items():
+        if field in _BN_READ_FIELDS or field in _BN_INERT_FIELDS:
+            continue
+        if value not in (None, False, 0, 0.0, [], {}, ""):
+            refuse(f"option {field}={value!r}")
+    if options.get("residual_before_ln", True) is not True:
+        refuse(f"option residual_before_ln={options['residual_before_ln']!r}")
+    if options.get("original_ln_after", True) is not True:
+        refuse(f"option original_ln_after={options['original_ln_after']!r}")
+    scaling = options.get("scaling", 1.0)
+    if not _is_alpha(scaling):
+        refuse(f"option scaling={scaling!r} (a learned scaling)")
+    activation = options.get("non_linearity")
+    if not isinstance(activation, str) or activation.lower() not in BOTTLENECK_ACTIVATIONS:
+        refuse(f"option non_linearity={activation!r} (supported: {BOTTLENECK_ACTIVATIONS})")
+    parallel = bool(options.get("is_parallel", False))
+    before = bool(options.get("original_ln_before", False))
+    points = {}
+    if options.get("mh_adapter", False):
+        if parallel or before:
+            setting = "is_parallel=True" if parallel else "original_ln_before=True"
+            refuse(f"option mh_adapter=True with {setting}")
+        points["attention_adapters"] = "attn_out"
+    if options.get("output_adapter", False):
+        if parallel and before:
+            refuse("option is_parallel=True with original_ln_before=True")
+        points["output_adapters"] = "par_bn" if parallel else "block_out" if before else "mlp_out"
+    if not points:
+        problems.append(f"{config_path}: neither mh_adapter nor output_adapter is set")
+    return points, problems
+
+
+def _reduced_dim(reduction_factor, index: int, hidden: int) -> Optional[int]:
+    """AdapterHub's bottleneck dim of block `index`: hidden // reduction_factor, the factor a
+    number or a mapping from block index (as a string) with a "default"; None if unreadable."""
+    if isinstance(reduction_factor, Mapping):
+        reduction_factor = reduction_factor.get(str(index), reduction_factor.get("default"))
+    if not _is_alpha(reduction_factor) or reduction_factor <= 0:
+        return None
+    return int(hidden // reduction_factor)
+
+
+def read_adapterhub_adapter(
+    path: str,
+    name: str,
+    blocks_path: str,
+    points: Mapping[tuple[int, str], tuple[int, int]],
+    dtype: torch.dtype,
+) -> BottleneckAdapter:
+    """Reads and validates an AdapterHub bottleneck folder (adapter_config.json +
+    adapter.safetensors; pytorch_adapter.bin is never unpickled) for a patched model.
+
+    blocks_path: the module path of the model's decoder blocks ("model.layers");
+    points: (block index, point) -> (hidden size, largest bottleneck dim) of every bottleneck
+    slot bank patch allocated. Returns the adapter on the CPU, its weights in `dtype`. Raises
+    AdapterError naming the file and the first problem.
+    """
+    config_path, config = _read_config(path)
+    options = config.get("config")
+    if not isinstance(options, dict):
+        raise AdapterError(f'{config_path}: no "config" object with the adapter\'s options')
+    kinds, problems = _bottleneck_points(options, config_path)
+    weights_path = os.path.join(path, ADAPTERHUB_WEIGHTS_FILE)
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, ADAPTERHUB_PICKLE_FILE)):
+            problems.append(
+                f"{os.path.join(path, ADAPTERHUB_PICKLE_FILE)}: pickle files are never opened "
+                "(they can run code). Convert once where you trust the file: "
+                "model.load_adapter(path) then model.save_adapter(out, name, "
+                "use_safetensors=True) with AdapterHub's adapters library"
+            )
+        else:
+            problems.append(f"{path}: no {ADAPTERHUB_WEIGHTS_FILE}")
+    if problems:
+        raise AdapterError(problems[0])
+    tensors = _load_safetensors(weights_path)
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    saved_names = set()
+    for key, tensor in tensors.items():
+        match = _BOTTLENECK_KEY.fullmatch(key)
+        if match is None:
+            raise AdapterError(
+                f"{weights_path}: unexpected tensor {key!r} (only bottleneck adapter_down / "
+                "adapter_up weights and biases are supported)"
+            )
+        prefix, index, location, saved_name, part, field = match.groups()
+        if prefix and not (
+            prefix == blocks_path
+            or blocks_path.endswith("." + prefix)
+            or prefix.endswith("." + blocks_path)
+        ):
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} belongs to blocks at {prefix!r}, but the "
+                f"patched model's blocks are at {blocks_path!r} (saved from another architecture?)"
+            )
+        if location not in kinds:
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} is an {location} tensor, which the options in "
+                f"{CONFIG_FILE} do not declare"
+            )
+        saved_names.add(saved_name)
+        part_name = ("down" if part.startswith("adapter_down") else "up") + "_" + field
+        grouped.setdefault((int(index), kinds[location]), {})[part_name] = tensor
+    if not grouped:
+        raise AdapterError(f"{weights_path}: holds no bottleneck adapter weights")
+    if len(saved_names) > 1:
+        raise AdapterError(f"{weights_path}: holds several adapters {sorted(saved_names)}")
+    leave_out = set(options.get("leave_out") or [])
+    hidden_expected = config.get("hidden_size")
+    served = {}
+    for (index, point), parts in sorted(grouped.items()):
+        where = f"{weights_path}: block {index} ({point})"
+        if index in leave_out:
+            raise AdapterError(f"{where} has weights but leave_out={sorted(leave_out)} skips it")
+        missing = {"down_weight", "down_bias", "up_weight", "up_bias"} - set(parts)
+        if missing:
+            raise AdapterError(f"{where} lacks adapter {', '.join(sorted(missing))}")
+        if (index, point) not in points:
+            raise AdapterError(
+                f"{where}: the patched model has no bottleneck slots there (block index out of "
+                "range, or a point outside patch's bottleneck_points)"
+            )
+        hidden, max_dim = points[(index, point)]
+        down, down_bias = parts["down_weight"], parts["down_bias"]
+        up, up_bias = parts["up_weight"], parts["up_bias"]
+        dim = down.shape[0] if down.dim() == 2 else -1
+        if (
+            down.shape != (dim, hidden)
+            or down_bias.shape != (dim,)
+            or up.shape != (hidden, dim)
+            or up_bias.shape != (hidden,)
+        ):
+            raise AdapterError(
+                f"{where}: adapter_down {tuple(down.shape)} + {tuple(down_bias.shape)} and "
+                f"adapter_up {tuple(up.shape)} + {tuple(up_bias.shape)} do not fit hidden size "
+                f"{hidden}: expected [m, {hidden}], [m], [{hidden}, m], [{hidden}]"
+            )
+        if hidden_expected is not None and hidden_expected != hidden:
+            raise AdapterError(
+                f"{config_path}: hidden_size={hidden_expected} but the model's is {hidden}"
+            )
+        expected_dim = _reduced_dim(options.get("reduction_factor"), index, hidden)
+        if expected_dim is not None and dim != expected_dim:
+            raise AdapterError(
+                f"{where} has bottleneck dim {dim}, but reduction_factor="
+                f"{options.get('reduction_factor')!r} in {CONFIG_FILE} gives {expected_dim}"
+            )
+        if not 1 <= dim <= min(max_dim, MAX_BOTTLENECK_DIM):
+            raise AdapterError(
+                f"{where} has bottleneck dim {dim}, above max_bottleneck_dim={max_dim} "
+                "given to patch()"
+            )
+        parts_list = (down, down_bias, up, up_bias)
+        if not all(t.is_floating_point() for t in parts_list):
+            raise AdapterError(f"{where} holds tensors that are not floating point")
+        if not all(torch.isfinite(t).all() for t in parts_list):
+            raise AdapterError(f"{where} holds non-finite values (NaN or inf)")
+        weights = BottleneckWeights(
+            down=down.to(dtype).contiguous(),
+            down_bias=down_bias.float().contiguous(),
+            up=up.t().to(dtype).contiguous(),
+            up_bias=up_bias.float().contiguous(),
+        )
+        if not (torch.isfinite(weights.down).all() and torch.isfinite(weights.up).all()):
+            raise AdapterError(f"{where} holds values too large for the model's {dtype}")
+        served[(index, point)] = weights
+    return BottleneckAdapter(
+        name=name,
+        path=path,
+        activation=options["non_linearity"].lower(),
+        scaling=float(options.get("scaling", 1.0)),
+        points=served,
+    )

@@ -4,6 +4,7 @@ adapter, with the slot banks of DESIGN.md's storage layout."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from typing import Optional
 
 import torch
@@ -278,3 +279,187 @@ class _FrozenLoraDelta(torch.autograd.Function):
         grad_tokens = grad_delta.new_zeros(grad_delta.shape[0], A.shape[2], dtype=ctx.tokens_dtype)
         ops.expand_(grad_tokens, dv, [A], [0], ranks, plan, batch_invariant=invariant)
         return None, grad_tokens, None, None, None, None, None, None, None
+
+
+class BottleneckLayer(nn.Module):
+    """The bottleneck adapters of one insertion point of one block, for every slot: banks
+    allocated once at patch time (non-persistent buffers) in DESIGN.md's layout, the
+    down-projection as shrink's A [S, m_max, H] and the up-projection as expand's B
+    [S, m_max, H] (both rank-major), with ranks [S] (the slot's dim m; 0: no bottleneck here),
+    fp32 scales [S] (AdapterHub's scaling), fp32 biases [S, m_max] and [S, H] (the up bias
+    stored pre-multiplied by the scaling: scaling (W_up a + b_up) = W_up (scaling a) +
+    scaling b_up) and activation codes [S]. fp32 tables are kept as int32 bit patterns, since
+    model.to(dtype) casts every floating buffer."""
+
+    def __init__(self, hidden: int, num_slots: int, max_dim: int, device, dtype):
+        super().__init__()
+        self.hidden = hidden
+        tables = dict(
+            down=torch.zeros(num_slots, max_dim, hidden, device=device, dtype=dtype),
+            up=torch.zeros(num_slots, max_dim, hidden, device=device, dtype=dtype),
+            down_bias_bits=torch.zeros(num_slots, max_dim, dtype=torch.int32, device=device),
+            up_bias_bits=torch.zeros(num_slots, hidden, dtype=torch.int32, device=device),
+            ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
+            scale_bits=torch.zeros(num_slots, dtype=torch.int32, device=device),
+            activations=torch.zeros(num_slots, dtype=torch.int32, device=device),
+        )
+        for name, tensor in tables.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self._slot_dims: dict[int, int] = {}  # host mirror of ranks (no device reads)
+        self.active_slots = 0
+
+    @staticmethod
+    def bank_bytes(hidden: int, num_slots: int, max_dim: int, element_size: int) -> int:
+        return num_slots * (2 * max_dim * hidden * element_size + 4 * (max_dim + hidden) + 12)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.scale_bits.view(torch.float32)
+
+    def write_slot(self, slot: int, weights, activation: str = "identity", scaling: float = 0.0):
+        """Fills one slot from adapters.BottleneckWeights; None clears it (dim 0). Rows beyond
+        the dim are never read, so they are left as they are."""
+        was_active = self._slot_dims.get(slot, 0) > 0
+        if weights is None:
+            self.ranks[slot] = 0
+            self._slot_dims[slot] = 0
+        else:
+            dim = weights.dim
+            self.down[slot, :dim].copy_(weights.down, non_blocking=True)
+            self.up[slot, :dim].copy_(weights.up, non_blocking=True)
+            self.down_bias_bits.view(torch.float32)[slot, :dim].copy_(weights.down_bias)
+            self.up_bias_bits.view(torch.float32)[slot].copy_(weights.up_bias * scaling)
+            self.scales[slot] = scaling
+            self.activations[slot] = ops.activation_code(activation)
+            self.ranks[slot] = dim
+            self._slot_dims[slot] = dim
+        self.active_slots += int(self._slot_dims[slot] > 0) - int(was_active)
+
+    def add(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target + f(source) for the rows whose slot holds a bottleneck here (source and
+        target [..., H], one row per token of the batch plan); other rows pass untouched."""
+        plans = current_plan.get()
+        if plans is None or self.active_slots == 0:
+            return target
+        tokens = source.reshape(-1, self.hidden)
+        if tokens.shape[0] != plans.num_tokens:
+            raise RuntimeError(
+                f"adaptfuse: bottleneck input has {tokens.shape[0]} tokens but the batch plan "
+                f"has {plans.num_tokens} (adapter_names apply to inputs shaped [batch, sequence])"
+            )
+        plan = plans.on(source.device)
+        down_bias = self.down_bias_bits.view(torch.float32)
+        up_bias = self.up_bias_bits.view(torch.float32)
+        v = ops.shrink(
+            tokens.contiguous(),
+            self.down,
+            self.ranks,
+            self.scales,
+            plan,
+            bias=down_bias,
+            activations=self.activations,
+        )
+        if torch.is_grad_enabled() and (source.requires_grad or target.requires_grad):
+            # An ordinary differentiable forward (the ops carry autograd formulas); the
+            # adapters' banks are buffers and get no gradient.
+            delta = ops.expand(v, [self.up], [0], self.hidden, self.ranks, plan, bias=up_bias)
+            return (target + delta.view(target.shape)).to(target.dtype)
+        # In place: shrink has read the source already, and the target is this point's own
+        # fresh output.
+        out = target if target.is_contiguous() else target.contiguous()
+        ops.expand_(out.view(-1, self.hidden), v, [self.up], [0], self.ranks, plan, bias=up_bias)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """How a decoder block names its parts: the attention and MLP sub-modules, and the norm
+    in front of the MLP (whose input is the residual stream a parallel adapter reads)."""
+
+    attention: str
+    mlp: str
+    mlp_norm: str
+
+    def matches(self, block: nn.Module) -> bool:
+        return all(
+            isinstance(getattr(block, part, None), nn.Module)
+            for part in (self.attention, self.mlp, self.mlp_norm)
+        )
+
+
+# Decoder block layouts, first match wins (a dispatcher over layouts, not one function per
+# architecture): Llama, Mistral, Qwen2, Phi-3, Gemma...; then GPT-2's.
+BLOCK_LAYOUTS = (
+    BlockLayout("self_attn", "mlp", "post_attention_layernorm"),
+    BlockLayout("attn", "mlp", "ln_2"),
+)
+
+
+def decoder_blocks(model: nn.Module) -> Optional[tuple[str, nn.ModuleList, BlockLayout]]:
+    """(path, blocks, layout) of the model's stack of decoder blocks, or None."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            layout = next((lay for lay in BLOCK_LAYOUTS if lay.matches(module[0])), None)
+            if layout is not None and all(layout.matches(block) for block in module):
+                return path, module, layout
+    return None
+
+
+def _with_first(output, replace):
+    """A module's output with its first tensor replaced (blocks and attention modules may
+    return tuples)."""
+    if isinstance(output, tuple):
+        return (replace(output[0]),) + tuple(output[1:])
+    return replace(output)
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def insert_bottlenecks(block: nn.Module, layout: BlockLayout, layers: dict[str, BottleneckLayer]):
+    """Hooks the points of `layers` into one block; returns the hook handles (remove() them to
+    take the adapters out). The layers become the block's submodule `adaptfuse_bottlenecks`,
+    so model.to(...) moves their banks along."""
+    block.adaptfuse_bottlenecks = nn.ModuleDict(layers)
+    handles = []
+    attention = getattr(block, layout.attention)
+    mlp = getattr(block, layout.mlp)
+    norm = getattr(block, layout.mlp_norm)
+    if "attn_out" in layers:
+        layer = layers["attn_out"]
+        handles.append(
+            attention.register_forward_hook(
+                lambda module, args, output: _with_first(output, lambda s: layer.add(s, s))
+            )
+        )
+    if "mlp_out" in layers:
+        layer_mlp = layers["mlp_out"]
+        handles.append(
+            mlp.register_forward_hook(
+                lambda module, args, output: _with_first(output, lambda s: layer_mlp.add(s, s))
+            )
+        )
+    if "block_out" in layers:
+        layer_block = layers["block_out"]
+        handles.append(
+            block.register_forward_hook(
+                lambda module, args, output: _with_first(output, lambda h: layer_block.add(h, h))
+            )
+        )
+    if "par_bn" in layers:
+        layer_par = layers["par_bn"]
+        stream: dict[str, torch.Tensor] = {}
+
+        def keep_residual(module, args, kwargs):
+            stream["residual"] = args[0] if args else next(iter(kwargs.values()))
+
+        def add_parallel(module, args, output):
+            residual = stream.pop("residual", None)
+            if residual is None:
+                return output
+            return _with_first(output, lambda y: layer_par.add(residual, y))
+
+        handles.append(norm.register_forward_pre_hook(keep_residual, with_kwargs=True))
+        handles.append(mlp.register_forward_hook(add_parallel))
+    return handles

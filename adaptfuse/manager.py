@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from typing import Optional, Sequence
 
@@ -13,14 +14,17 @@ from adaptfuse.adapters import (
     BASE_NAME,
     KEY_PREFIX,
     AdapterError,
+    BottleneckAdapter,
     LoraAdapter,
     LoraWeights,
+    is_adapterhub_folder,
     lora_scale,
     merge_terms,
     pattern_value,
+    read_adapterhub_adapter,
     read_peft_adapter,
 )
-from adaptfuse.layers import BatchPlans, LoraLayer
+from adaptfuse.layers import BatchPlans, BottleneckLayer, LoraLayer
 from adaptfuse.merge import LayerMerge, MergeOptions, merge_layer, unmerge_layer
 from adaptfuse.training import (
     TrainableAdapter,
@@ -54,6 +58,10 @@ class AdapterManager:
         # eviction, no unload) until every forward using it has returned.
         self._pins: collections.Counter[str] = collections.Counter()
         self._changed = threading.Condition(threading.Lock())
+        # Forwards read the base weights that merge/unmerge rewrite: a merge waits for the
+        # forwards in flight and holds new ones back until it is done (readers and a writer).
+        self._forwards_in_flight = 0
+        self._rewriting_weights = False
         # The merge in effect: {name: weight} and, per merged layer, what unmerge needs.
         self.merged: Optional[dict[str, float]] = None
         self._trainable: dict[str, TrainableAdapter] = {}
@@ -62,6 +70,11 @@ class AdapterManager:
         self.unsupported_layers: dict[str, str] = {}
         self._merge_records: list[LayerMerge] = []
         self._merge_options = MergeOptions()
+        # Bottleneck slot banks (patch's max_bottleneck_dim > 0): (block index, point) -> layer,
+        # on the same slots as the LoRA layers; blocks_path names the decoder blocks.
+        self.bottleneck_layers: dict[tuple[int, str], BottleneckLayer] = {}
+        self.blocks_path = ""
+        self.max_bottleneck_dim = 0
 
     @property
     def adapters(self) -> list[str]:
@@ -88,22 +101,35 @@ class AdapterManager:
     def load_adapter(
         self, path: str, adapter_name: Optional[str] = None, trainable: bool = False
     ) -> str:
-        """Registers a PEFT LoRA folder under adapter_name (default: the folder's name).
-        Everything is read and validated before anything changes. trainable=True resumes
-        training it (fp32 parameters, see add_adapter)."""
+        """Registers an adapter folder under adapter_name (default: the folder's name): a PEFT
+        LoRA folder, or an AdapterHub bottleneck folder (recognised by its files). Everything is
+        read and validated before anything changes. trainable=True resumes training a LoRA
+        adapter (fp32 parameters, see add_adapter)."""
         name = adapter_name if adapter_name is not None else path.rstrip("/").split("/")[-1]
         self._check_new_name(name)
         first = next(iter(self.layers.values())).lora_A
-        if trainable:
+        if is_adapterhub_folder(path):
+            if trainable:
+                raise ValueError(
+                    f"{path}: an AdapterHub bottleneck adapter; adaptfuse trains LoRA adapters "
+                    "only, load it with trainable=False to serve it"
+                )
+            adapter = self._read_bottleneck(path, name, first.dtype)
+        elif trainable:
             adapter = self._read_adapter(path, name, torch.float32)
             options = read_training_options(path)
             weights = {p: (w.A, w.B, w.scale) for p, w in adapter.layers.items()}
             self._add_trainable(name, path, weights, **options)
             return name
-        adapter = self._read_adapter(path, name, first.dtype)
+        else:
+            adapter = self._read_adapter(path, name, first.dtype)
         if first.device.type == "cuda":  # pinned host copies: slot writes are real async copies
-            for weights in adapter.layers.values():
-                weights.A, weights.B = weights.A.pin_memory(), weights.B.pin_memory()
+            if isinstance(adapter, BottleneckAdapter):
+                for weights in adapter.points.values():
+                    weights.down, weights.up = weights.down.pin_memory(), weights.up.pin_memory()
+            else:
+                for weights in adapter.layers.values():
+                    weights.A, weights.B = weights.A.pin_memory(), weights.B.pin_memory()
         with self._changed:
             if name in self._registry:
                 raise ValueError(f"an adapter named {name!r} is already loaded")
@@ -120,6 +146,25 @@ class AdapterManager:
             path, name, shapes, self.max_rank, dtype, slices, self.unsupported_layers
         )
 
+    def _read_bottleneck(self, path: str, name: str, dtype: torch.dtype) -> BottleneckAdapter:
+        if not self.bottleneck_layers:
+            raise AdapterError(
+                f"{path}: an AdapterHub bottleneck adapter, but patch() allocated no bottleneck "
+                "slots; pass max_bottleneck_dim (e.g. 64) to adaptfuse.patch"
+            )
+        points = {
+            key: (layer.hidden, self.max_bottleneck_dim)
+            for key, layer in self.bottleneck_layers.items()
+        }
+        return read_adapterhub_adapter(path, name, self.blocks_path, points, dtype)
+
+    def _clear_slot(self, slot: int) -> None:
+        """Empties a slot in every layer of both kinds."""
+        for layer in self.layers.values():
+            layer.write_slot(slot, None, None, 0.0)
+        for bottleneck in self.bottleneck_layers.values():
+            bottleneck.write_slot(slot, None)
+
     def unload_adapter(self, name: str) -> None:
         """Removes an adapter; waits for forwards in flight that use it."""
         with self._changed:
@@ -131,8 +176,7 @@ class AdapterManager:
             self._changed.wait_for(lambda: self._pins[name] == 0)
             slot = self._slot_of.pop(name, None)
             if slot is not None:
-                for layer in self.layers.values():
-                    layer.write_slot(slot, None, None, 0.0)
+                self._clear_slot(slot)
             del self._registry[name]
 
     def _free_slot(self) -> int:
@@ -141,6 +185,17 @@ class AdapterManager:
 
     def _place(self, name: str, slot: int) -> None:
         adapter = self._registry[name]
+        if isinstance(adapter, BottleneckAdapter):
+            for layer in self.layers.values():
+                layer.write_slot(slot, None, None, 0.0)
+            for key, bottleneck in self.bottleneck_layers.items():
+                bottleneck.write_slot(
+                    slot, adapter.points.get(key), adapter.activation, adapter.scaling
+                )
+            self._slot_of[name] = slot
+            return
+        for bottleneck in self.bottleneck_layers.values():
+            bottleneck.write_slot(slot, None)
         for path, layer in self.layers.items():
             weights = adapter.layers.get(path)
             if weights is None:
@@ -306,8 +361,8 @@ class AdapterManager:
                     )
                 slot = self._slot_of.pop(evictable[0])
             layers = {}
+            self._clear_slot(slot)  # the served banks of both kinds: nothing here
             for layer_path, layer in self.layers.items():
-                layer.write_slot(slot, None, None, 0.0)  # the served bank: nothing here
                 if layer_path not in weights:
                     continue
                 A, B, scale = weights[layer_path]
@@ -379,7 +434,46 @@ class AdapterManager:
             self._registry[name] = LoraAdapter(name=name, path="<frozen>", layers=served)
             self._place(name, adapter.slot)
 
-    def merge(
+    @contextlib.contextmanager
+    def forward_session(self):
+        """Held by every forward of the patched model: the weights and the merge state it
+        reads stay as they are until it returns."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._rewriting_weights)
+            self._forwards_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._forwards_in_flight -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def _weights_rewrite(self):
+        with self._changed:
+            self._changed.wait_for(lambda: not self._rewriting_weights)
+            self._rewriting_weights = True
+            self._changed.wait_for(lambda: self._forwards_in_flight == 0)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._rewriting_weights = False
+                self._changed.notify_all()
+
+    def merge(self, spec, **options) -> None:
+        """Folds one adapter (a name) or a weighted combination of adapters ({name: weight})
+        into the base weights of every adapted layer; see _merge for the options. Waits for
+        forwards in flight; forwards that start meanwhile wait for the merge."""
+        with self._weights_rewrite():
+            self._merge(spec, **options)
+
+    def unmerge(self) -> None:
+        """Restores every merged base weight bit for bit (after forwards in flight)."""
+        with self._weights_rewrite():
+            self._unmerge()
+
+    def _merge(
         self,
         spec,
         *,
@@ -406,6 +500,11 @@ class AdapterManager:
             raise KeyError(f"unknown adapter name(s) {unknown}; loaded: {self.adapters}")
         for n in weights:
             self._refuse_trainable(n, "merge")
+            if isinstance(self._registry[n], BottleneckAdapter):
+                raise ValueError(
+                    f"{n!r} is a bottleneck adapter: it cannot be merged, since its "
+                    "nonlinearity cannot fold into a weight; serve it through adapter_names"
+                )
         from tqdm.auto import tqdm
 
         done: list[LayerMerge] = []
@@ -421,8 +520,7 @@ class AdapterManager:
         self._merge_records, self._merge_options = done, options
         self.merged = weights
 
-    def unmerge(self) -> None:
-        """Restores every merged base weight bit for bit."""
+    def _unmerge(self) -> None:
         if self.merged is None:
             raise ValueError("no adapter is merged")
         self._unmerge_layers(self._merge_records, self._merge_options)

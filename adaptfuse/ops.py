@@ -40,6 +40,25 @@ def _op(library: str, name: str):
     return getattr(getattr(torch.ops, library), name).default
 
 
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_new", "silu", "tanh")
+"""The activations shrink applies for bottleneck adapters, indexed by their codes (shrink's
+per-slot ``activations``, csrc/kernels/activation.cuh): gelu is the erf form, gelu_new the tanh
+approximation, silu AdapterHub's "swish"."""
+
+_ACTIVATION_ALIASES = {"swish": "silu"}
+
+
+def activation_code(activation: str) -> int:
+    """The op's code of an activation name; raises ValueError naming the choices."""
+    if isinstance(activation, str):
+        name = _ACTIVATION_ALIASES.get(activation.lower(), activation.lower())
+        if name in ACTIVATIONS:
+            return ACTIVATIONS.index(name)
+    raise ValueError(
+        f"unknown activation {activation!r}; expected one of {ACTIVATIONS} (or 'swish' for silu)"
+    )
+
+
 KERNEL_FAMILIES = ("auto", "simple", "bgmv", "sgmv")
 """shrink/expand kernel families of the CUDA dispatcher: "auto" (production: SGMV when the
 tokens outnumber 16 per slot or the call is batch-invariant, else BGMV), "simple" (the
@@ -116,6 +135,8 @@ def shrink(
     plan: Plan,
     *,
     batch_invariant: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    activations: Optional[torch.Tensor] = None,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """``v[t, :rank(s)] = scales[s] * (x[t] @ A[s, :rank(s)]^T)``, s = slot of t.
@@ -125,9 +146,21 @@ def shrink(
     batch_invariant: the CUDA kernels fix every split by the layer's shapes and run every
     token through one kernel family, so a token's bits do not depend on the rest of the batch
     (``patch(..., batch_invariant=True)``); the CPU ops are deterministic either way.
+    bias, activations: bottleneck adapters' down-projections, ``v[t, :rank(s)] = scales[s] *
+    act_s(x[t] @ A[s, :rank(s)]^T + bias[s, :rank(s)])`` with bias fp32 [S, R_max] and
+    activations int32 [S], each slot's code in ACTIVATIONS (None: no bias / the identity).
     """
     return _op(library, "shrink")(
-        x, A, ranks, scales, plan.token_slots, plan.token_order, plan.slot_offsets, batch_invariant
+        x,
+        A,
+        ranks,
+        scales,
+        plan.token_slots,
+        plan.token_order,
+        plan.slot_offsets,
+        batch_invariant,
+        bias,
+        activations,
     )
 
 
@@ -140,6 +173,7 @@ def expand_(
     plan: Plan,
     *,
     batch_invariant: bool = False,
+    bias: Optional[torch.Tensor] = None,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """In place: ``y[t, off_i:off_i + H_out_i] += v[t, col_i:col_i + rank(s)] @ B_i[s, :rank(s)]``.
@@ -147,7 +181,9 @@ def expand_(
     One launch covers several output slices (fused projections): B_i is [S, R_max_i, H_out_i],
     slice i reads v's columns starting at col_i = R_max_0 + ... + R_max_{i-1}, so v is
     fp32 [T, sum_i R_max_i]. The sum is accumulated in fp32 and rounded once into y's dtype.
-    Tokens without a slot are left untouched. batch_invariant: as in shrink. Returns y.
+    Tokens without a slot are left untouched. batch_invariant: as in shrink. bias: a
+    bottleneck adapter's up-projection bias, fp32 [S, H_out] (one slice only), added inside the
+    same fp32 sum for tokens whose slot has a non-zero rank. Returns y.
     """
     _op(library, "expand_")(
         y,
@@ -159,6 +195,7 @@ def expand_(
         plan.token_order,
         plan.slot_offsets,
         batch_invariant,
+        bias,
     )
     return y
 
@@ -172,10 +209,11 @@ def expand(
     plan: Plan,
     *,
     batch_invariant: bool = False,
+    bias: Optional[torch.Tensor] = None,
     library: str = "adaptfuse",
 ) -> torch.Tensor:
     """Functional expand (training): a new fp32 ``[T, h_out]`` tensor holding zero plus what
-    expand_ would add. Differentiable in v and B (autograd registered below)."""
+    expand_ would add. Differentiable in v, B and bias (autograd registered below)."""
     return _op(library, "expand")(
         v,
         list(B),
@@ -186,6 +224,7 @@ def expand(
         plan.token_order,
         plan.slot_offsets,
         batch_invariant,
+        bias,
     )
 
 
@@ -290,13 +329,31 @@ def _plan_fake(token_slots, num_slots):
 
 
 def _shrink_fake(
-    x, A, ranks, scales, token_slots, token_order, slot_offsets, batch_invariant=False
+    x,
+    A,
+    ranks,
+    scales,
+    token_slots,
+    token_order,
+    slot_offsets,
+    batch_invariant=False,
+    bias=None,
+    activations=None,
 ):
     return x.new_empty((x.shape[0], A.shape[1]), dtype=torch.float32)
 
 
 def _expand_fake(
-    y, v, B, out_offsets, ranks, token_slots, token_order, slot_offsets, batch_invariant=False
+    y,
+    v,
+    B,
+    out_offsets,
+    ranks,
+    token_slots,
+    token_order,
+    slot_offsets,
+    batch_invariant=False,
+    bias=None,
 ):
     return None
 
@@ -322,7 +379,16 @@ def _unmerge_fake(
 
 
 def _expand_functional_fake(
-    v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets, batch_invariant=False
+    v,
+    B,
+    out_offsets,
+    h_out,
+    ranks,
+    token_slots,
+    token_order,
+    slot_offsets,
+    batch_invariant=False,
+    bias=None,
 ):
     return v.new_empty((v.shape[0], h_out), dtype=torch.float32)
 
@@ -355,20 +421,65 @@ def _token_scales(scales: torch.Tensor, token_slots: torch.Tensor) -> torch.Tens
     return torch.where(has_slot, scales[token_slots.clamp(min=0).long()], 0.0)
 
 
+# torch's forms of ACTIVATIONS, for the derivative act'(z) in shrink's backward.
+_ACTIVATION_FUNCTIONS = (
+    lambda z: z,
+    torch.nn.functional.relu,
+    torch.nn.functional.gelu,
+    lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    torch.nn.functional.silu,
+    torch.tanh,
+)
+
+
+def _activation_grad(codes: torch.Tensor, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad * act_t'(z) row by row, act_t the activation of code codes[t] (no host sync: every
+    activation is differentiated on every row and the row's own one selected)."""
+    result = torch.zeros_like(grad)
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        for code, function in enumerate(_ACTIVATION_FUNCTIONS):
+            (derivative,) = torch.autograd.grad(function(z), z, grad)
+            result = torch.where((codes == code)[:, None], derivative, result)
+    return result
+
+
 def _register_autograd(library: str) -> None:
     # The backward uses the forward's batch_invariant (inputs carry it when the caller passed
     # it; the schema's default otherwise), and returns no gradient for it.
     def shrink_setup(ctx, inputs, output):
-        x, A, ranks, scales, token_slots, token_order, slot_offsets, *flag = inputs
-        ctx.batch_invariant = bool(flag[0]) if flag else False
+        x, A, ranks, scales, token_slots, token_order, slot_offsets, *rest = inputs
+        rest = list(rest) + [False, None, None][len(rest) :]
+        ctx.batch_invariant, bias, activations = bool(rest[0]), rest[1], rest[2]
+        ctx.has_bias = bias is not None
         ctx.num_inputs = len(inputs)
-        ctx.save_for_backward(x, A, ranks, scales, token_slots, token_order, slot_offsets)
+        ctx.save_for_backward(
+            x, A, ranks, scales, token_slots, token_order, slot_offsets, bias, activations
+        )
 
     def shrink_backward(ctx, grad_v):
-        x, A, ranks, scales, token_slots, token_order, slot_offsets = ctx.saved_tensors
+        x, A, ranks, scales, token_slots, token_order, slot_offsets, bias, activations = (
+            ctx.saved_tensors
+        )
         plan = Plan(token_slots, token_order, slot_offsets)
-        scaled = (grad_v * _token_scales(scales, token_slots)[:, None]).contiguous()
-        grad_x = grad_A = None
+        scaled = grad_v * _token_scales(scales, token_slots)[:, None]
+        if activations is not None:
+            # v = scale * act(z), z = x A^T + bias: the gradient of z is scale * dv * act'(z),
+            # with z recomputed by the same op (unit scales, no activation).
+            z = shrink(
+                x,
+                A,
+                ranks,
+                torch.ones_like(scales),
+                plan,
+                batch_invariant=ctx.batch_invariant,
+                bias=bias,
+                library=library,
+            )
+            codes = torch.where(token_slots >= 0, activations[token_slots.clamp(min=0).long()], 0)
+            scaled = _activation_grad(codes, z, scaled)
+        scaled = scaled.contiguous()
+        grad_x = grad_A = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = expand(
                 scaled,
@@ -383,11 +494,18 @@ def _register_autograd(library: str) -> None:
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_A = segment_outer(scaled, x, ranks, plan, library=library).to(A.dtype)
-        return (grad_x, grad_A) + (None,) * (ctx.num_inputs - 2)
+        if ctx.has_bias and ctx.num_inputs > 8 and ctx.needs_input_grad[8]:
+            ones = scaled.new_ones(scaled.shape[0], 1)
+            grad_bias = segment_outer(scaled, ones, ranks, plan, library=library)[:, :, 0]
+        grads = [grad_x, grad_A] + [None] * (ctx.num_inputs - 2)
+        if ctx.num_inputs > 8:
+            grads[8] = grad_bias
+        return tuple(grads)
 
     def expand_setup(ctx, inputs, output):
-        v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets, *flag = inputs
-        ctx.batch_invariant = bool(flag[0]) if flag else False
+        v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets, *rest = inputs
+        ctx.batch_invariant = bool(rest[0]) if rest else False
+        ctx.has_bias = len(rest) > 1 and rest[1] is not None
         ctx.num_inputs = len(inputs)
         ctx.out_offsets = list(out_offsets)
         ctx.num_slices = len(B)
@@ -421,9 +539,16 @@ def _register_autograd(library: str) -> None:
                     segment_outer(v_slice, dy, slice_ranks, plan, library=library).to(slice_B.dtype)
                 )
             column += capacity
-        return (grad_v, grad_B if ctx.needs_input_grad[1] else None) + (None,) * (
+        grads = [grad_v, grad_B if ctx.needs_input_grad[1] else None] + [None] * (
             ctx.num_inputs - 2
         )
+        if ctx.has_bias and ctx.needs_input_grad[9]:
+            # Every token whose slot has a non-zero rank received its slot's bias.
+            ones = grad_y.new_ones(grad_y.shape[0], 1)
+            grads[9] = segment_outer(ones, grad_y, ranks.clamp(max=1), plan, library=library)[
+                :, 0, :
+            ]
+        return tuple(grads)
 
     torch.library.register_autograd(
         f"{library}::shrink", shrink_backward, setup_context=shrink_setup

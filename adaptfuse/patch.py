@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from adaptfuse import distributed
-from adaptfuse.adapters import matching_paths
-from adaptfuse.layers import LoraLayer, current_plan, layer_features
+from adaptfuse.adapters import BOTTLENECK_POINTS, MAX_BOTTLENECK_DIM, matching_paths
+from adaptfuse.layers import (
+    BottleneckLayer,
+    LoraLayer,
+    current_plan,
+    decoder_blocks,
+    insert_bottlenecks,
+    layer_features,
+)
 from adaptfuse.manager import AdapterManager
 
 _STATE = "_adaptfuse_state"
@@ -79,6 +86,45 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _bottleneck_blocks(model: nn.Module, max_dim: int, tensor_parallel: bool):
+    """(blocks path, [(block, hidden size, device, dtype)], layout) of the decoder blocks that
+    get bottleneck slots, or None when max_dim is 0."""
+    if max_dim == 0:
+        return None
+    if tensor_parallel:
+        raise ValueError(
+            "bottleneck adapters are not supported on tensor-parallel models; "
+            "patch with max_bottleneck_dim=0"
+        )
+    found = decoder_blocks(model)
+    if found is None:
+        raise ValueError(
+            "max_bottleneck_dim > 0 but adaptfuse found no stack of decoder blocks it knows "
+            "(adaptfuse.layers.BLOCK_LAYOUTS) in this model"
+        )
+    path, blocks, layout = found
+    described = []
+    for block in blocks:
+        # The block's hidden size, device and dtype: those of its MLP norm's input.
+        weight = next(p for p in getattr(block, layout.mlp_norm).parameters() if p.dim() == 1)
+        described.append((block, weight.shape[0], weight.device, _block_dtype(block)))
+    return path, described, layout
+
+
+def _block_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype of the block's projections (its norms may be kept in fp32)."""
+    dtypes = [p.dtype for p in block.parameters() if p.dim() == 2 and p.is_floating_point()]
+    return dtypes[0] if dtypes else torch.get_default_dtype()
+
+
+def _remove_bottlenecks(model: nn.Module, hooks: list) -> None:
+    for handle in hooks:
+        handle.remove()
+    for module in list(model.modules()):
+        if "adaptfuse_bottlenecks" in module._modules:
+            del module._modules["adaptfuse_bottlenecks"]
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -94,16 +140,33 @@ def patch(
     max_rank: int = 64,
     target_modules: Union[None, str, Sequence[str]] = None,
     batch_invariant: bool = False,
+    max_bottleneck_dim: int = 0,
+    bottleneck_points: Sequence[str] = BOTTLENECK_POINTS,
 ) -> AdapterManager:
     """Swaps the adapted layers of `model` in place and returns its AdapterManager.
 
     target_modules: None or "all-linear" (every nn.Linear / GPT-2 Conv1D except the output
     head), a list of names (matched as module-path suffixes) or a regex (full match).
+    max_bottleneck_dim: 0 (no bottleneck adapters), or the largest bottleneck dim (1..256) of
+    the AdapterHub adapters to serve: every decoder block then gets bottleneck slot banks at
+    each point of `bottleneck_points` (default: all of adapters.BOTTLENECK_POINTS; narrow it
+    to the points your adapters use, e.g. ["block_out"] for seq_bn, to save memory), on the
+    same max_loras slots as LoRA.
     """
     if getattr(model, _STATE, None) is not None:
         raise ValueError("this model is already patched; call adaptfuse.unpatch(model) first")
     if max_loras < 1 or max_rank < 1:
         raise ValueError(f"max_loras and max_rank must be positive, got {max_loras} and {max_rank}")
+    if not 0 <= max_bottleneck_dim <= MAX_BOTTLENECK_DIM:
+        raise ValueError(
+            f"max_bottleneck_dim must be in 0..{MAX_BOTTLENECK_DIM}, got {max_bottleneck_dim}"
+        )
+    points = list(dict.fromkeys(bottleneck_points))
+    unknown_points = [p for p in points if p not in BOTTLENECK_POINTS]
+    if unknown_points or not points:
+        raise ValueError(
+            f"bottleneck_points must name some of {BOTTLENECK_POINTS}, got {bottleneck_points!r}"
+        )
     names = _targets(model, target_modules)
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r}")
@@ -120,6 +183,14 @@ def patch(
         per_device[device] = per_device.get(device, 0) + LoraLayer.bank_bytes(
             module, max_loras, max_rank, sharding[name]
         )
+    blocks = _bottleneck_blocks(model, max_bottleneck_dim, any(sharding.values()))
+    if blocks is not None:
+        for _block, hidden, device, dtype in blocks[1]:
+            per_device[device] = per_device.get(device, 0) + len(
+                points
+            ) * BottleneckLayer.bank_bytes(
+                hidden, max_loras, max_bottleneck_dim, torch.empty((), dtype=dtype).element_size()
+            )
     for device, needed in per_device.items():
         free = _free_bytes(device)
         if needed > free:
@@ -127,28 +198,48 @@ def patch(
                 f"adaptfuse.patch: the adapter slots need {needed / 2**20:.1f} MiB "
                 f"on {device} but only "
                 f"{free / 2**20:.1f} MiB are free; lower max_loras ({max_loras}) "
-                f"or max_rank ({max_rank})"
+                f"or max_rank ({max_rank}) or max_bottleneck_dim ({max_bottleneck_dim})"
             )
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     layers: dict[str, LoraLayer] = {}
+    bottleneck_layers: dict[tuple[int, str], BottleneckLayer] = {}
+    hooks: list = []
     try:  # all layers or none: a failure midway (out of memory...) puts back what was swapped
         for name, module in modules.items():
             layers[name] = LoraLayer(module, max_loras, max_rank, sharding[name])
             layers[name].batch_invariant = bool(batch_invariant)
             _set_submodule(model, name, layers[name])
+        if blocks is not None:
+            layout = blocks[2]
+            for index, (block, hidden, device, dtype) in enumerate(blocks[1]):
+                block_layers = {
+                    point: BottleneckLayer(hidden, max_loras, max_bottleneck_dim, device, dtype)
+                    for point in points
+                }
+                hooks.extend(insert_bottlenecks(block, layout, block_layers))
+                bottleneck_layers.update({(index, p): layer for p, layer in block_layers.items()})
     except BaseException:
         for name, layer in layers.items():
             _set_submodule(model, name, layer.base_layer)
+        _remove_bottlenecks(model, hooks)
         raise
     for p in model.parameters():
         p.requires_grad_(False)
     manager_class = distributed.TensorParallelManager if any(sharding.values()) else AdapterManager
     manager = manager_class(model, layers, max_loras, max_rank, sum(per_device.values()))
     manager.unsupported_layers = unsupported
+    manager.bottleneck_layers = bottleneck_layers
+    manager.blocks_path = blocks[0] if blocks is not None else ""
+    manager.max_bottleneck_dim = max_bottleneck_dim
     original_forward = model.forward
     had_own_forward = "forward" in model.__dict__  # e.g. accelerate's device hooks
 
     def forward(*args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        # The session keeps merges out while this forward reads the weights.
+        with manager.forward_session():
+            return serve(*args, adapter_names=adapter_names, **kwargs)
+
+    def serve(*args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         from_generate = adapter_names is None
         if from_generate:
             adapter_names = generate_names.get()
@@ -216,7 +307,7 @@ def patch(
                 generate_names.reset(token)
 
         model.generate = generate
-    state = {"manager": manager, "requires_grad": requires_grad}
+    state = {"manager": manager, "requires_grad": requires_grad, "bottleneck_hooks": hooks}
     if had_own_forward:
         state["forward"] = original_forward
     if original_generate is not None and had_own_generate:
@@ -238,6 +329,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         manager.unmerge()
     for name, layer in manager.layers.items():
         _set_submodule(model, name, layer.base_layer)
+    _remove_bottlenecks(model, state["bottleneck_hooks"])
     for name, p in model.named_parameters():
         p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
     for method in ("forward", "generate", "_apply"):

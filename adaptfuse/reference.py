@@ -6,6 +6,7 @@ functions and never against the code under test. Semantics: DESIGN.md, "The ops"
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -112,3 +113,71 @@ def segment_outer(
         if rows.numel() and rank:
             out[slot, :rank] = a[rows, :rank].to(dtype).T @ b[rows].to(dtype)
     return out
+
+
+# Bottleneck adapters (DESIGN.md, "Bottleneck adapters"): f(h) = scaling * (W_up act(W_down h +
+# b_down) + b_up), written out from their formulas (not through torch.nn.functional's).
+ACTIVATIONS = {
+    "identity": lambda z: z,
+    "relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),
+    "gelu": lambda z: 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0))),
+    "gelu_new": lambda z: (
+        0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+    ),
+    "silu": lambda z: z * torch.sigmoid(z),
+    "tanh": torch.tanh,
+}
+ACTIVATIONS["swish"] = ACTIVATIONS["silu"]
+
+
+def bottleneck_shrink(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    bias: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    activation: str,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """v[t, :rank(s)] = scales[s] * act(x[t] @ A[s, :rank(s)]^T + bias[s, :rank(s)]), zero
+    elsewhere, in ``dtype``."""
+    act = ACTIVATIONS[activation]
+    v = torch.zeros(x.shape[0], A.shape[1], dtype=dtype, device=x.device)
+    for slot in range(A.shape[0]):
+        rows = (token_slots == slot).nonzero().flatten()
+        rank = int(ranks[slot])
+        if rows.numel() == 0 or rank == 0:
+            continue
+        z = x[rows].to(dtype) @ A[slot, :rank].to(dtype).T + bias[slot, :rank].to(dtype)
+        v[rows, :rank] = scales[slot].to(dtype) * act(z)
+    return v
+
+
+def bias_per_token(
+    bias: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor, dtype=torch.float64
+) -> torch.Tensor:
+    """[T, H]: bias[slot of t] for tokens whose slot has a non-zero rank, zero for the others
+    (what expand adds beside v @ B)."""
+    out = torch.zeros(token_slots.shape[0], bias.shape[1], dtype=dtype, device=bias.device)
+    for slot in range(bias.shape[0]):
+        rows = (token_slots == slot).nonzero().flatten()
+        if rows.numel() and int(ranks[slot]) > 0:
+            out[rows] = bias[slot].to(dtype)
+    return out
+
+
+def bottleneck(
+    h: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: torch.Tensor,
+    activation: str,
+    scaling: float,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """One adapter on rows h [N, H] with AdapterHub's tensors (down [m, H], up [H, m]):
+    scaling * (up @ act(down @ h + down_bias) + up_bias), in ``dtype``."""
+    z = h.to(dtype) @ down.to(dtype).T + down_bias.to(dtype)
+    return scaling * (ACTIVATIONS[activation](z) @ up.to(dtype).T + up_bias.to(dtype))

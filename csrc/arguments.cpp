@@ -78,6 +78,18 @@ void check_table(const char* op, const char* name, const at::Tensor& t, at::Scal
   check_contiguous(op, name, t);
 }
 
+// A per-slot fp32 table [S, columns] (a bottleneck adapter's bias), stride 1 along its rows.
+void check_slot_rows(const char* op, const char* name, const at::Tensor& t, int64_t num_slots,
+                     int64_t columns, const char* layout, const char* reference_name,
+                     const at::Tensor& reference) {
+  check_dtype(op, name, t, at::kFloat);
+  check_dim(op, name, t, 2, layout);
+  check_size(op, name, t, 0, num_slots, "S, the number of slots");
+  check_size(op, name, t, 1, columns, layout);
+  check_same_device(op, name, t, reference_name, reference);
+  check_unit_inner_stride(op, name, t);
+}
+
 void check_token_slot_values(const char* op, const at::Tensor& token_slots, int64_t num_slots) {
   if (!validate_values(token_slots) || token_slots.numel() == 0) return;
   const at::Tensor host = token_slots.cpu();
@@ -182,7 +194,9 @@ PlanArgs plan_arguments(const at::Tensor& token_slots, int64_t num_slots) {
 
 ShrinkArgs shrink_arguments(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                             const at::Tensor& scales, const at::Tensor& token_slots,
-                            const at::Tensor& token_order, const at::Tensor& slot_offsets) {
+                            const at::Tensor& token_order, const at::Tensor& slot_offsets,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& activations) {
   const char* op = "shrink";
   ShrinkArgs args{};
   args.x_dtype = kernel_dtype(op, "x", x);
@@ -214,13 +228,32 @@ ShrinkArgs shrink_arguments(const at::Tensor& x, const at::Tensor& a, const at::
   args.token_slots = token_slots.data_ptr<int32_t>();
   args.token_order = token_order.data_ptr<int32_t>();
   args.slot_offsets = slot_offsets.data_ptr<int32_t>();
+  if (activations.has_value()) {
+    check_table(op, "activations", *activations, at::kInt, num_slots, "[S]", "x", x);
+    if (validate_values(*activations)) {
+      const at::Tensor host = activations->cpu();
+      for (int64_t s = 0; s < num_slots; ++s) {
+        const int32_t code = host.data_ptr<int32_t>()[s];
+        TORCH_CHECK_VALUE(code >= 0 && code < kNumActivations,
+                          "adaptfuse.shrink: argument 'activations' has code ", code, " at slot ",
+                          s, "; expected [0, ", kNumActivations,
+                          ") (adaptfuse.ops.ACTIVATIONS lists them)");
+      }
+    }
+    args.activations = activations->data_ptr<int32_t>();
+  }
+  if (bias.has_value()) {
+    check_slot_rows(op, "bias", *bias, num_slots, a.size(1), "[S, R_max]", "x", x);
+    args.bias = bias->data_ptr<float>();
+    args.bias_slot_stride = bias->stride(0);
+  }
   return args;
 }
 
 ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                             c10::IntArrayRef out_offsets, const at::Tensor& ranks,
                             const at::Tensor& token_slots, const at::Tensor& token_order,
-                            const at::Tensor& slot_offsets) {
+                            const at::Tensor& slot_offsets, const std::optional<at::Tensor>& bias) {
   const char* op = "expand_";
   ExpandArgs args{};
   args.y_dtype = kernel_dtype(op, "y", y);
@@ -293,6 +326,15 @@ ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::Tensor
   args.num_slots = num_slots;
   args.num_tokens = y.size(0);
   args.num_slices = static_cast<int>(b.size());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(b.size() == 1,
+                      "adaptfuse.expand_: argument 'bias' needs exactly one slice "
+                      "in 'B', got ",
+                      b.size());
+    check_slot_rows(op, "bias", *bias, num_slots, b[0].size(2), "[S, H_out]", "y", y);
+    args.bias = bias->data_ptr<float>();
+    args.bias_slot_stride = bias->stride(0);
+  }
   return args;
 }
 

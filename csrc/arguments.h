@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
+
 #include "kernels/merge_math.cuh"
 #include "kernels/op_args.h"
 
@@ -22,12 +24,15 @@ PlanArgs plan_arguments(const at::Tensor& token_slots, int64_t num_slots);
 
 ShrinkArgs shrink_arguments(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                             const at::Tensor& scales, const at::Tensor& token_slots,
-                            const at::Tensor& token_order, const at::Tensor& slot_offsets);
+                            const at::Tensor& token_order, const at::Tensor& slot_offsets,
+                            const std::optional<at::Tensor>& bias = std::nullopt,
+                            const std::optional<at::Tensor>& activations = std::nullopt);
 
 ExpandArgs expand_arguments(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                             c10::IntArrayRef out_offsets, const at::Tensor& ranks,
                             const at::Tensor& token_slots, const at::Tensor& token_order,
-                            const at::Tensor& slot_offsets);
+                            const at::Tensor& slot_offsets,
+                            const std::optional<at::Tensor>& bias = std::nullopt);
 
 SegmentOuterArgs segment_outer_arguments(const at::Tensor& a, const at::Tensor& b,
                                          const at::Tensor& ranks, const at::Tensor& token_slots,

@@ -15,7 +15,7 @@ template <const char* kLibrary>
 at::Tensor expand_functional(const at::Tensor& v, at::TensorList b, c10::IntArrayRef out_offsets,
                              int64_t h_out, const at::Tensor& ranks, const at::Tensor& token_slots,
                              const at::Tensor& token_order, const at::Tensor& slot_offsets,
-                             bool batch_invariant) {
+                             bool batch_invariant, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(v.dim() == 2, "adaptfuse.expand: argument 'v' must be [T, sum of R_max_i], ",
                     "got shape ", v.sizes());
   for (size_t i = 0; i < b.size() && i < out_offsets.size(); ++i) {
@@ -30,9 +30,9 @@ at::Tensor expand_functional(const at::Tensor& v, at::TensorList b, c10::IntArra
           .findSchemaOrThrow(c10::str(kLibrary, "::expand_").c_str(), "")
           .typed<void(const at::Tensor&, const at::Tensor&, at::TensorList, c10::IntArrayRef,
                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      bool)>();
+                      bool, const std::optional<at::Tensor>&)>();
   expand_in_place.call(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets,
-                       batch_invariant);
+                       batch_invariant, bias);
   return y;
 }
 

@@ -39,8 +39,10 @@ template <class Backend>
 at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                      const at::Tensor& scales, const at::Tensor& token_slots,
                      const at::Tensor& token_order, const at::Tensor& slot_offsets,
-                     bool batch_invariant) {
-  ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
+                     bool batch_invariant, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& activations) {
+  ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets,
+                                     bias, activations);
   args.batch_invariant = batch_invariant;
   const typename Backend::Guard guard(x);
   // Zero-filled: the kernel writes every row of a token, but T may be 0 or R_max 0.
@@ -61,10 +63,10 @@ at::Tensor shrink_op(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
 template <class Backend>
 void expand_op(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                c10::IntArrayRef out_offsets, const at::Tensor& ranks, const at::Tensor& token_slots,
-               const at::Tensor& token_order, const at::Tensor& slot_offsets,
-               bool batch_invariant) {
+               const at::Tensor& token_order, const at::Tensor& slot_offsets, bool batch_invariant,
+               const std::optional<at::Tensor>& bias) {
   ExpandArgs args =
-      expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
+      expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets, bias);
   args.batch_invariant = batch_invariant;
   const typename Backend::Guard guard(y);
   check_launch(launch_expand(args, Backend::stream(y)), "expand_");

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["tests/test_ops.py", "tests/test_op_contract.py"])
+@pytest.mark.parametrize(
+    "module", ["tests/test_ops.py", "tests/test_op_contract.py", "tests/test_bottleneck.py"]
+)
 def test_portable_cpu_path(module):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "ADAPTFUSE_CPU_SIMD": "0"}

@@ -167,11 +167,19 @@ at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                       const at::Tensor& scales, const at::Tensor& token_slots,
                       const at::Tensor& token_order, const at::Tensor& slot_offsets,
-                      bool /*batch_invariant: the CPU path is deterministic, not invariant*/) {
-  const ShrinkArgs args =
-      shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets);
+                      bool /*batch_invariant: the CPU path is deterministic, not invariant*/,
+                      const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& activations) {
+  ShrinkArgs args = shrink_arguments(x, a, ranks, scales, token_slots, token_order, slot_offsets,
+                                     bias, activations);
   at::Tensor v = at::zeros({args.num_tokens, args.max_rank}, x.options().dtype(at::kFloat));
   if (args.num_tokens == 0 || args.max_rank == 0) return v;
+  // A bottleneck's bias and activation come before its scale: the products are taken unscaled
+  // and finished by one pass over v's used rows (v is [T, R_max]: small and still in cache).
+  const bool epilogue = args.bias != nullptr || args.activations != nullptr;
+  const float* slot_scales = args.scales;
+  const std::vector<float> unit_scales(epilogue ? args.num_slots : 0, 1.0f);
+  if (epilogue) args.scales = unit_scales.data();
   // With a vector kernel, every segment goes through it: it matches the BLAS on these skinny
   // products and parallelises over chunks without nesting BLAS threads.
   const bool vector_kernel = shrink_simd_available(args.x_dtype, args.a_dtype);
@@ -209,19 +217,42 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
                                         }
                                       });
                    }));
+  if (epilogue) {
+    at::parallel_for(0, args.num_tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int32_t slot = args.token_slots[t];
+        if (slot < 0) continue;
+        const float* slot_bias = args.bias ? args.bias + slot * args.bias_slot_stride : nullptr;
+        const Activation activation = args.activations
+                                          ? static_cast<Activation>(args.activations[slot])
+                                          : Activation::kIdentity;
+        float* row = v_data + t * v_row_stride;
+        for (int64_t k = 0; k < args.ranks[slot]; ++k) {
+          const float z = slot_bias ? row[k] + slot_bias[k] : row[k];
+          row[k] = slot_scales[slot] * apply_activation(activation, z);
+        }
+      }
+    });
+  }
   return v;
 }
 
-// Adds each chunk row's fp32 sum into y with a single rounding.
+// Adds each chunk row's fp32 sum (plus the slot's bias, when the op has one) into y with a
+// single rounding; all tokens of a chunk share one slot.
 template <class YFormat>
 void add_rows_into_y(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* tokens,
                      int64_t count, const float* sums, int64_t sums_row_stride) {
+  const float* bias = args.bias && count > 0
+                          ? args.bias + args.token_slots[tokens[0]] * args.bias_slot_stride
+                          : nullptr;
   for (int64_t r = 0; r < count; ++r) {
     auto* y = static_cast<typename YFormat::Bits*>(args.y) + tokens[r] * args.y_row_stride +
               slice.out_offset;
     const float* sum = sums + r * sums_row_stride;
-    for (int64_t o = 0; o < slice.h_out; ++o)
-      y[o] = YFormat::sum_rounded_once(YFormat::to_float(y[o]), sum[o]);
+    for (int64_t o = 0; o < slice.h_out; ++o) {
+      const float total = bias ? sum[o] + bias[o] : sum[o];
+      y[o] = YFormat::sum_rounded_once(YFormat::to_float(y[o]), total);
+    }
   }
 }
 
@@ -278,9 +309,10 @@ void expand_vectorized(const ExpandArgs& args, const std::vector<Segment>& chunk
       }
       const void* b_slot =
           static_cast<const char*>(slice.b) + item.chunk.slot * slice.slot_stride * b_element_bytes;
+      const float* bias = args.bias ? args.bias + item.chunk.slot * args.bias_slot_stride : nullptr;
       expand_rows_simd(args.y_dtype, args.b_dtype, y_rows, v_rows,
                        static_cast<int>(item.chunk.size()), b_slot, slice.rank_stride,
-                       args.ranks[item.chunk.slot], item.o_begin, item.o_end);
+                       args.ranks[item.chunk.slot], item.o_begin, item.o_end, bias);
     }
   });
 }
@@ -289,9 +321,10 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
                 c10::IntArrayRef out_offsets, const at::Tensor& ranks,
                 const at::Tensor& token_slots, const at::Tensor& token_order,
                 const at::Tensor& slot_offsets,
-                bool /*batch_invariant: the CPU path is deterministic, not invariant*/) {
+                bool /*batch_invariant: the CPU path is deterministic, not invariant*/,
+                const std::optional<at::Tensor>& bias) {
   const ExpandArgs args =
-      expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets);
+      expand_arguments(y, v, b, out_offsets, ranks, token_slots, token_order, slot_offsets, bias);
   if (args.num_tokens == 0) return;
   const bool vector_kernel = expand_simd_available(args.y_dtype, args.b_dtype);
   const SegmentWork work = split_segments(slot_offsets, args.ranks, kGemmMinTokens,
@@ -307,7 +340,7 @@ void expand_cpu(const at::Tensor& y, const at::Tensor& v, at::TensorList b,
       const ExpandSlice& slice = args.slices[i];
       const at::Tensor v_slice = vs.narrow(1, slice.v_column, rank);
       const at::Tensor b_rows = as_float(b[i].select(0, segment.slot).narrow(0, 0, rank));
-      if (consecutive && y.scalar_type() == at::kFloat) {
+      if (consecutive && y.scalar_type() == at::kFloat && args.bias == nullptr) {
         y.narrow(0, first, segment.size())
             .narrow(1, slice.out_offset, slice.h_out)
             .addmm_(v_slice, b_rows);

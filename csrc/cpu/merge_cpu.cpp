@@ -28,10 +28,11 @@ struct TileRecord {
   int64_t first_nonfinite = -1;  // flat index
 };
 
-// Calls visit(flat_index, element, delta) for every element of one tile, row by row.
+// Calls visit(flat_index, row_elements, element_stride, deltas, length) for each run of one
+// tile's elements that lies in one row of W.
 template <class WFormat, class AdapterFormat, class Visit>
-void for_each_tile_element(const MergeArgs& args, int64_t tile, std::vector<float>& deltas,
-                           Visit&& visit) {
+void for_each_tile_row(const MergeArgs& args, int64_t tile, std::vector<float>& deltas,
+                       Visit&& visit) {
   const int64_t numel = args.h_out * args.h_in;
   const int64_t tile_end = std::min(numel, (tile + 1) * kMergeTileElements);
   for (int64_t flat = tile * kMergeTileElements; flat < tile_end;) {
@@ -58,35 +59,139 @@ void for_each_tile_element(const MergeArgs& args, int64_t tile, std::vector<floa
         }
       }
     }
-    auto* w = static_cast<typename WFormat::Bits*>(args.w) + o * args.w_stride_out;
-    for (int64_t j = 0; j < length; ++j) {
-      visit(flat + j, w + (first_column + j) * args.w_stride_in, delta[j]);
-    }
+    auto* w = static_cast<typename WFormat::Bits*>(args.w) + o * args.w_stride_out +
+              first_column * args.w_stride_in;
+    visit(flat, w, args.w_stride_in, delta, length);
     flat += length;
+  }
+}
+
+// Whether the sum's conversion needs more than common_from_float: fp16 below its normals or
+// from its largest finite value up (overflow, inf, NaN); bf16 NaN.
+template <class Format>
+inline bool may_leave_common_range(float sum) {
+  const uint32_t magnitude = float_as_bits(sum) & 0x7fffffffu;
+  if constexpr (Format::kDType == DType::kFloat16) {
+    return (magnitude < 0x38800000u) | (magnitude >= 0x477fe000u);
+  } else {
+    return magnitude > 0x7f800000u;
+  }
+}
+
+// Whether a 16-bit rounding of the fp32 sum may be a tie that the exact sum does not share
+// (then only the full round_two_sum is right): a superset of the exact condition, cheap and
+// branch-free. bf16 keeps the top 16 bits; fp16 normals keep 13 fewer mantissa bits, and its
+// subnormal and overflow ranges are always sent to the exact function.
+template <class Format>
+inline bool may_be_false_tie(float sum) {
+  const uint32_t magnitude = float_as_bits(sum) & 0x7fffffffu;
+  if constexpr (Format::kDType == DType::kBFloat16) {
+    return (magnitude & 0xffffu) == 0x8000u;
+  } else {
+    return (magnitude & 0x1fffu) == 0x1000u || magnitude < 0x38800000u || magnitude >= 0x477fe000u;
+  }
+}
+
+// The common case of the 16-bit conversions without branches (so the loop vectorises), and
+// whether a value is outside it: fp16 normals only; bf16 shares fp32's range and converts
+// without branches except for NaN, which the caller's flags send to the exact path.
+template <class Format>
+inline float common_to_float(typename Format::Bits bits) {
+  if constexpr (Format::kDType == DType::kFloat16) {
+    const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+    return bits_as_float(sign | (((bits & 0x7fffu) + 0x1c000u) << 13));  // exponent + 112
+  } else {
+    return Format::to_float(bits);
+  }
+}
+template <class Format>
+inline bool outside_common_range(typename Format::Bits bits) {
+  if constexpr (Format::kDType == DType::kFloat16) {
+    const uint32_t exponent = (bits >> 10) & 0x1fu;
+    return exponent == 0 || exponent == 0x1fu;
+  } else {
+    return (bits & 0x7fffu) > 0x7f80u;  // NaN
+  }
+}
+template <class Format>
+inline typename Format::Bits common_from_float(float value) {
+  if constexpr (Format::kDType == DType::kFloat16) {
+    const uint32_t bits = float_as_bits(value);
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    uint32_t rebased = (magnitude - 0x38000000u) >> 13;
+    const uint32_t remainder = magnitude & 0x1fffu;
+    rebased += (remainder > 0x1000u) | ((remainder == 0x1000u) & rebased);
+    return static_cast<typename Format::Bits>(((bits >> 16) & 0x8000u) | (rebased & 0x7fffu));
+  } else {
+    return Format::from_float(value);
+  }
+}
+
+// out[j] = in[j] + sign * delta[j] rounded once into Format: the same bits as
+// Format::sum_rounded_once. For 16-bit formats a vectorisable pass handles the common case
+// and flags the rest (possible false ties, values outside the branch-free conversions), which
+// a second pass recomputes with the exact function.
+template <class Format>
+void rounded_sums(const typename Format::Bits* in, int64_t in_stride, const float* delta,
+                  float sign, int64_t length, typename Format::Bits* out,
+                  std::vector<uint8_t>& exact_needed) {
+  if constexpr (sizeof(typename Format::Bits) == 4) {
+    for (int64_t j = 0; j < length; ++j) {
+      out[j] = Format::sum_rounded_once(Format::to_float(in[j * in_stride]), sign * delta[j]);
+    }
+  } else {
+    exact_needed.resize(length);
+    uint8_t* flags = exact_needed.data();
+    for (int64_t j = 0; j < length; ++j) {
+      const typename Format::Bits bits = in[j * in_stride];
+      const float a = common_to_float<Format>(bits);
+      const float b = sign * delta[j];
+      const float sum = add_rn(a, b);
+      out[j] = common_from_float<Format>(sum);
+      flags[j] = outside_common_range<Format>(bits) | (b != b) |
+                 ((two_sum_error(a, b, sum) != 0.0f) & may_be_false_tie<Format>(sum)) |
+                 may_leave_common_range<Format>(sum);
+    }
+    for (int64_t j = 0; j < length; ++j) {
+      if (flags[j]) {
+        out[j] = Format::sum_rounded_once(Format::to_float(in[j * in_stride]), sign * delta[j]);
+      }
+    }
   }
 }
 
 template <class WFormat, class AdapterFormat>
 void merge_tile(const MergeArgs& args, int64_t tile, TileRecord& record) {
+  using Bits = typename WFormat::Bits;
   std::vector<float> deltas;
+  std::vector<Bits> merged, restored;
+  std::vector<uint8_t> exact_needed;
   const int64_t tile_start = tile * kMergeTileElements;
-  for_each_tile_element<WFormat, AdapterFormat>(
-      args, tile, deltas, [&](int64_t flat, typename WFormat::Bits* w, float delta) {
-        const auto original = *w;
-        const auto merged = WFormat::sum_rounded_once(WFormat::to_float(original), delta);
-        const auto restored = WFormat::sum_rounded_once(WFormat::to_float(merged), -delta);
-        *w = merged;
-        if (!is_finite(WFormat::to_float(merged)) && is_finite(WFormat::to_float(original))) {
-          if (record.nonfinite++ == 0) record.first_nonfinite = flat;
-        }
-        if (restored == original) return;
-        const int64_t difference = bits_difference<WFormat>(original, restored);
-        record.offsets.push_back(static_cast<int16_t>(static_cast<uint16_t>(flat - tile_start)));
-        if (fits_correction(difference)) {
-          record.corrections.push_back(static_cast<int8_t>(difference));
-        } else {
-          record.corrections.push_back(static_cast<int8_t>(kEscapeCorrection));
-          record.escape_bits.push_back(static_cast<int32_t>(static_cast<uint32_t>(original)));
+  for_each_tile_row<WFormat, AdapterFormat>(
+      args, tile, deltas,
+      [&](int64_t flat, Bits* w, int64_t stride, const float* delta, int64_t length) {
+        merged.resize(length);
+        restored.resize(length);
+        rounded_sums<WFormat>(w, stride, delta, 1.0f, length, merged.data(), exact_needed);
+        rounded_sums<WFormat>(merged.data(), 1, delta, -1.0f, length, restored.data(),
+                              exact_needed);
+        for (int64_t j = 0; j < length; ++j) {
+          const Bits original = w[j * stride];
+          w[j * stride] = merged[j];
+          if (restored[j] == original && is_finite(WFormat::to_float(merged[j]))) continue;
+          if (!is_finite(WFormat::to_float(merged[j])) && is_finite(WFormat::to_float(original))) {
+            if (record.nonfinite++ == 0) record.first_nonfinite = flat + j;
+          }
+          if (restored[j] == original) continue;
+          const int64_t difference = bits_difference<WFormat>(original, restored[j]);
+          record.offsets.push_back(
+              static_cast<int16_t>(static_cast<uint16_t>(flat + j - tile_start)));
+          if (fits_correction(difference)) {
+            record.corrections.push_back(static_cast<int8_t>(difference));
+          } else {
+            record.corrections.push_back(static_cast<int8_t>(kEscapeCorrection));
+            record.escape_bits.push_back(static_cast<int32_t>(static_cast<uint32_t>(original)));
+          }
         }
       });
 }
@@ -95,21 +200,27 @@ template <class WFormat, class AdapterFormat>
 void unmerge_tile(const MergeArgs& args, int64_t tile, const int16_t* offsets,
                   const int8_t* corrections, const int32_t* escape_bits, int64_t entry_begin,
                   int64_t entry_end, int64_t escape) {
+  using Bits = typename WFormat::Bits;
   std::vector<float> deltas;
-  for_each_tile_element<WFormat, AdapterFormat>(
-      args, tile, deltas, [](int64_t, typename WFormat::Bits* w, float delta) {
-        *w = WFormat::sum_rounded_once(WFormat::to_float(*w), -delta);
+  std::vector<Bits> restored;
+  std::vector<uint8_t> exact_needed;
+  for_each_tile_row<WFormat, AdapterFormat>(
+      args, tile, deltas,
+      [&](int64_t, Bits* w, int64_t stride, const float* delta, int64_t length) {
+        restored.resize(length);
+        rounded_sums<WFormat>(w, stride, delta, -1.0f, length, restored.data(), exact_needed);
+        for (int64_t j = 0; j < length; ++j) w[j * stride] = restored[j];
       });
   const int64_t tile_start = tile * kMergeTileElements;
-  auto* w_base = static_cast<typename WFormat::Bits*>(args.w);
+  auto* w_base = static_cast<Bits*>(args.w);
   for (int64_t n = entry_begin; n < entry_end; ++n) {
     const int64_t flat = tile_start + static_cast<uint16_t>(offsets[n]);
     const int64_t o = flat / args.h_in;
     auto* w = w_base + o * args.w_stride_out + (flat - o * args.h_in) * args.w_stride_in;
     if (corrections[n] == kEscapeCorrection) {
-      *w = static_cast<typename WFormat::Bits>(static_cast<uint32_t>(escape_bits[escape++]));
+      *w = static_cast<Bits>(static_cast<uint32_t>(escape_bits[escape++]));
     } else {
-      *w = static_cast<typename WFormat::Bits>(*w + corrections[n]);
+      *w = static_cast<Bits>(*w + corrections[n]);
     }
   }
 }

@@ -172,20 +172,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void shrink_rows(
 template <class Format>
 using FormatBits = typename Format::Bits;
 
-// One block of up to 64 outputs of kRows token rows: acc[r][j] covers outputs o + 16j.
+// One block of up to 64 outputs of kRows token rows: acc[r][j] covers outputs o + 16j, and
+// starts from the slot's bias (a bottleneck adapter's) when there is one.
 template <class YFormat, int kRows>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_block(
     void* const* y_rows, const float* const* v_rows, const float* packed, int64_t packed_stride,
-    int64_t rank, int64_t o, int64_t width) {
+    int64_t rank, int64_t o, int64_t width, const float* bias) {
   constexpr int kVectors = 4;
-  __m512 acc[kRows][kVectors];
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < kVectors; ++j) acc[r][j] = _mm512_setzero_ps();
   __mmask16 masks[kVectors];
   for (int j = 0; j < kVectors; ++j) {
     const int64_t left = width - 16 * j;
     masks[j] = left >= 16 ? static_cast<__mmask16>(0xffff)
                           : static_cast<__mmask16>(left > 0 ? (1u << left) - 1u : 0u);
+  }
+  __m512 acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kVectors; ++j) {
+      acc[r][j] = bias ? _mm512_maskz_loadu_ps(masks[j], bias + o + 16 * j) : _mm512_setzero_ps();
+    }
   }
   for (int64_t k = 0; k < rank; ++k) {
     __m512 b[kVectors];
@@ -220,7 +224,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_block(
 template <class YFormat, DType kB>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_rows(
     void* const* y_rows, const float* const* v_rows, int count, const void* b_slot,
-    int64_t b_rank_stride, int64_t rank, int64_t o_begin, int64_t o_end) {
+    int64_t b_rank_stride, int64_t rank, int64_t o_begin, int64_t o_end, const float* bias) {
   const int64_t b_row_bytes = b_rank_stride * (kB == DType::kFloat32 ? 4 : 2);
   const int64_t packed_stride = (o_end - o_begin + 15) / 16 * 16;
   thread_local std::vector<float> packed;
@@ -233,16 +237,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void expand_rows(
     for (int t = 0; t < count; t += 4) {
       switch (count - t < 4 ? count - t : 4) {
         case 4:
-          expand_block<YFormat, 4>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          expand_block<YFormat, 4>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width,
+                                   bias);
           break;
         case 3:
-          expand_block<YFormat, 3>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          expand_block<YFormat, 3>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width,
+                                   bias);
           break;
         case 2:
-          expand_block<YFormat, 2>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          expand_block<YFormat, 2>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width,
+                                   bias);
           break;
         default:
-          expand_block<YFormat, 1>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width);
+          expand_block<YFormat, 1>(y_rows + t, v_rows + t, block, packed_stride, rank, o, width,
+                                   bias);
           break;
       }
     }
@@ -278,19 +286,19 @@ bool expand_simd_available(DType y_dtype, DType b_dtype) {
 
 bool expand_rows_simd(DType y_dtype, DType b_dtype, void* const* y_rows, const float* const* v_rows,
                       int count, const void* b_slot, int64_t b_rank_stride, int64_t rank,
-                      int64_t o_begin, int64_t o_end) {
+                      int64_t o_begin, int64_t o_end, const float* bias) {
 #ifdef AF_HAVE_X86_SIMD
   if (!expand_simd_available(y_dtype, b_dtype) || count < 1) return false;
   AF_FORMAT_SWITCH(y_dtype, YFormat, {
     if (b_dtype == DType::kFloat32) {
       expand_rows<YFormat, DType::kFloat32>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
-                                            o_begin, o_end);
+                                            o_begin, o_end, bias);
     } else if (b_dtype == DType::kFloat16) {
       expand_rows<YFormat, DType::kFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
-                                            o_begin, o_end);
+                                            o_begin, o_end, bias);
     } else {
       expand_rows<YFormat, DType::kBFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
-                                             o_begin, o_end);
+                                             o_begin, o_end, bias);
     }
   });
   return true;

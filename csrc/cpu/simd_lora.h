@@ -21,10 +21,11 @@ bool shrink_rows_simd(DType x_dtype, DType a_dtype, const void* const* x_rows, i
 
 // y_rows[i][o] += sum_k v_rows[i][k] * B[k][o] for o in [o_begin, o_end), k < rank, where
 // B[k] starts at b_slot + k * b_rank_stride elements (y_rows and B already offset to the
-// slice); the fp32 sum (in k order) is rounded once into y's dtype.
+// slice); the fp32 sum (in k order, starting from bias[o] when bias is not null: a bottleneck
+// adapter's, indexed like the outputs) is rounded once into y's dtype.
 bool expand_rows_simd(DType y_dtype, DType b_dtype, void* const* y_rows, const float* const* v_rows,
                       int count, const void* b_slot, int64_t b_rank_stride, int64_t rank,
-                      int64_t o_begin, int64_t o_end);
+                      int64_t o_begin, int64_t o_end, const float* bias);
 
 // Whether expand_rows_simd has a kernel for this CPU and these dtypes.
 bool expand_simd_available(DType y_dtype, DType b_dtype);

@@ -8,6 +8,10 @@
 // layer's shapes only (H_in splits of kBgmvChunk elements, lanes, a fixed butterfly, the
 // splits added in index order by a second kernel); no float atomics. A token's bits never
 // depend on which other tokens share the launch.
+//
+// Bottleneck adapters run here too: shrink adds the slot's bias and applies the activation
+// where it scales the finished dot product, expand starts its sums from the slot's bias.
+#include "kernels/activation.cuh"
 #include "kernels/device.cuh"
 #include "kernels/dispatch.h"
 #include "kernels/launchers.h"
@@ -33,6 +37,17 @@ __device__ __forceinline__ int64_t token_rank(const int32_t* token_slots, const 
   if (slot < 0 || slot >= num_slots) return 0;
   const int64_t rank = ranks[slot];
   return rank < max_rank ? rank : max_rank;
+}
+
+// v[t, k] from the finished dot product of x[t] and A[slot, k]: scale * act(dot + bias[slot, k])
+// (a bottleneck's down-projection; plain scale * dot for LoRA).
+__device__ __forceinline__ float finish_shrink(const ShrinkArgs& args, int32_t slot, int64_t k,
+                                               float dot) {
+  if (args.bias != nullptr) dot += args.bias[slot * args.bias_slot_stride + k];
+  if (args.activations != nullptr) {
+    dot = apply_activation(static_cast<Activation>(args.activations[slot]), dot);
+  }
+  return args.scales[slot] * dot;
 }
 
 int64_t bgmv_shrink_splits(int64_t h_in) {
@@ -97,25 +112,24 @@ __global__ void bgmv_shrink_kernel(ShrinkArgs args, int64_t splits) {
   AF_UNROLL
   for (int r = 0; r < kBgmvRowsPerWarp; ++r) sums[r] = warp_sum(sums[r]);
   if (lane != 0) return;
-  const float scale = args.scales[slot];
   AF_UNROLL
   for (int r = 0; r < kBgmvRowsPerWarp; ++r) {
     if (!row_used[r]) continue;
     if (splits == 1) {
-      args.v[t * args.v_row_stride + first_row + r] = scale * sums[r];
+      args.v[t * args.v_row_stride + first_row + r] =
+          finish_shrink(args, slot, first_row + r, sums[r]);
     } else {
       args.workspace[(split * args.num_tokens + t) * args.max_rank + first_row + r] = sums[r];
     }
   }
 }
 
-// v[t, k] = scale * (sum of the splits' partials in split order), zero beyond the rank.
+// v[t, k] = finish_shrink(sum of the splits' partials in split order), zero beyond the rank.
 __global__ void shrink_combine_kernel(ShrinkArgs args, int64_t splits) {
   const int64_t t = blockIdx.x;
   int32_t slot;
   const int64_t rank =
       token_rank(args.token_slots, args.ranks, args.num_slots, args.max_rank, t, &slot);
-  const float scale = rank > 0 ? args.scales[slot] : 0.0f;
   for (int64_t k = threadIdx.x; k < args.max_rank; k += blockDim.x) {
     float value = 0.0f;
     if (k < rank) {
@@ -123,7 +137,7 @@ __global__ void shrink_combine_kernel(ShrinkArgs args, int64_t splits) {
       for (int64_t split = 0; split < splits; ++split) {
         sum += args.workspace[(split * args.num_tokens + t) * args.max_rank + k];
       }
-      value = scale * sum;
+      value = finish_shrink(args, slot, k, sum);
     }
     args.v[t * args.v_row_stride + k] = value;
   }
@@ -160,7 +174,15 @@ __global__ void bgmv_expand_kernel(ExpandArgs args) {
   }
   // A thread at the aligned tail takes its outputs one by one.
   const bool whole_group = kAligned && outputs[kGroupElements - 1] < slice.h_out;
+  // A bottleneck's up-projection bias (one slice) starts the sums: no extra rounding of y.
   float sums[kGroupElements] = {};
+  if (args.bias != nullptr) {
+    const float* bias = args.bias + slot * args.bias_slot_stride;
+    AF_UNROLL
+    for (int j = 0; j < kGroupElements; ++j) {
+      if (outputs[j] < slice.h_out) sums[j] = bias[outputs[j]];
+    }
+  }
   for (int64_t staged = 0; staged < rank; staged += kBgmvStagedRanks) {
     const int64_t count = rank - staged < kBgmvStagedRanks ? rank - staged : kBgmvStagedRanks;
     __syncthreads();  // the previous stage is consumed

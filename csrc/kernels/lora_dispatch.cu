@@ -13,6 +13,8 @@
 //     machine). A mixed batch (prefill and decode requests) runs in one pass of the chosen
 //     family: both handle any segment lengths.
 // SGMV then picks its own tiles and H_in splits from the same shapes (sgmv.cu).
+// Bottleneck adapters (a bias, an activation) always take BGMV: a matrix-vector product per
+// token at their 16-256 dimensions, whatever family is selected.
 // The simple kernels stay as the baseline that benchmarks and tests measure the others against.
 #include <string.h>
 
@@ -26,8 +28,16 @@ namespace {
 std::atomic<int> selected_family{static_cast<int>(KernelFamily::kAuto)};
 constexpr int64_t kSgmvMinTokensPerSlot = 16;
 
-// The family that runs a launch: the selected one, or the auto rule's choice.
-KernelFamily family_for(int64_t num_tokens, int64_t num_slots, bool batch_invariant) {
+bool is_bottleneck(const ShrinkArgs& args) {
+  return args.bias != nullptr || args.activations != nullptr;
+}
+bool is_bottleneck(const ExpandArgs& args) { return args.bias != nullptr; }
+
+// The family that runs a launch: BGMV for bottleneck adapters (the only family with their
+// bias and activation; batch-invariant too), else the selected one or the auto rule's choice.
+KernelFamily family_for(int64_t num_tokens, int64_t num_slots, bool batch_invariant,
+                        bool bottleneck) {
+  if (bottleneck) return KernelFamily::kBgmv;
   const KernelFamily selected = kernel_family();
   return selected == KernelFamily::kAuto
              ? auto_kernel_family(num_tokens, num_slots, batch_invariant)
@@ -76,7 +86,7 @@ KernelFamily auto_kernel_family(int64_t num_tokens, int64_t num_slots, bool batc
 }
 
 int64_t shrink_workspace_floats(const ShrinkArgs& args) {
-  switch (family_for(args.num_tokens, args.num_slots, args.batch_invariant)) {
+  switch (family_for(args.num_tokens, args.num_slots, args.batch_invariant, is_bottleneck(args))) {
     case KernelFamily::kSimple:
       return 0;
     case KernelFamily::kSgmv:
@@ -87,7 +97,7 @@ int64_t shrink_workspace_floats(const ShrinkArgs& args) {
 }
 
 cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream) {
-  switch (family_for(args.num_tokens, args.num_slots, args.batch_invariant)) {
+  switch (family_for(args.num_tokens, args.num_slots, args.batch_invariant, is_bottleneck(args))) {
     case KernelFamily::kSimple:
       return launch_shrink_simple(args, stream);
     case KernelFamily::kSgmv:
@@ -98,7 +108,7 @@ cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream) {
 }
 
 cudaError_t launch_expand(const ExpandArgs& args, cudaStream_t stream) {
-  switch (family_for(args.num_tokens, args.num_slots, args.batch_invariant)) {
+  switch (family_for(args.num_tokens, args.num_slots, args.batch_invariant, is_bottleneck(args))) {
     case KernelFamily::kSimple:
       return launch_expand_simple(args, stream);
     case KernelFamily::kSgmv:

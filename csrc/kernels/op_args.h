@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "kernels/activation.cuh"
 #include "kernels/float_formats.cuh"
 
 namespace adaptfuse {
@@ -18,7 +19,9 @@ struct PlanArgs {
   int32_t* token_order;   // [T]
   int32_t* slot_offsets;  // [S + 1]
 };
-// shrink: v[t, k] = scales[s] * dot(x[t], A[s, k]) for k < ranks[s], else 0 (s = slot of t).
+// shrink: v[t, k] = scales[s] * act_s(dot(x[t], A[s, k]) + bias[s, k]) for k < ranks[s], else 0
+// (s = slot of t; no bias and the identity for LoRA, a bottleneck adapter's down-projection
+// otherwise).
 struct ShrinkArgs {
   const void* x;  // [T, H_in], inner stride 1
   int64_t x_row_stride;
@@ -34,12 +37,16 @@ struct ShrinkArgs {
   const int32_t* slot_offsets;  // [S + 1]
   float* v;                     // [T, R_max], inner stride 1, zero-filled by the caller
   int64_t v_row_stride;
-  float* workspace;  // shrink_workspace_floats(args) floats, or null when that is 0
+  float* workspace;   // shrink_workspace_floats(args) floats, or null when that is 0
+  const float* bias;  // [S, R_max] fp32, inner stride 1, or null
+  int64_t bias_slot_stride;
+  const int32_t* activations;  // [S] Activation codes, or null (the identity for every slot)
   // Every split fixed by the layer's shapes and one kernel family for every token: a token's
   // bits never depend on the rest of the batch (patch(..., batch_invariant=True)).
   bool batch_invariant;
 };
-// expand: y[t, off_i + o] += sum_k v[t, col_i + k] * B_i[s, k, o], k < ranks[s], per slice i.
+// expand: y[t, off_i + o] += sum_k v[t, col_i + k] * B_i[s, k, o], k < ranks[s], per slice i,
+// plus bias[s, o] (one slice only) for tokens whose slot has a non-zero rank.
 constexpr int kMaxExpandSlices = 8;
 struct ExpandSlice {
   const void* b;  // [S, R_max_i, H_out_i], inner stride 1
@@ -60,6 +67,8 @@ struct ExpandArgs {
   int64_t num_slots, num_tokens;
   int num_slices;
   bool batch_invariant;  // as in ShrinkArgs
+  const float* bias;     // [S, H_out] fp32, inner stride 1, or null (one slice only)
+  int64_t bias_slot_stride;
   ExpandSlice slices[kMaxExpandSlices];
 };
 // segment_outer: out[s, k, :] = sum over the tokens t of slot s, in token order, of
