@@ -564,8 +564,13 @@ def test_adapter_values_too_large_for_fp16(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(num_beams=2, num_return_sequences=2), dict(num_beams=3)],
-    ids=["greedy", "beams-2-return-2", "beams-3"],
+    [
+        dict(),
+        dict(num_beams=2, num_return_sequences=2),
+        dict(num_beams=3),
+        dict(do_sample=True, top_k=20, temperature=1.3, num_return_sequences=2),
+    ],
+    ids=["greedy", "beams-2-return-2", "beams-3", "sampling"],
 )
 def test_generate_matches_peft(options, workdir):
     torch.manual_seed(0)
@@ -578,15 +583,21 @@ def test_generate_matches_peft(options, workdir):
     manager = adaptfuse.patch(model, max_loras=3, max_rank=16)
     for name, path in paths.items():
         manager.load_adapter(path, adapter_name=name)
-    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, **options)
+    # Sampling: both draw from the same seeded generator; a draw lands within the logits'
+    # tolerance of a bucket edge with probability ~1e-6 per token.
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, **options}
     with torch.no_grad():
+        peft_names = [n or "__base__" for n in names]
+        if options.get("do_sample"):  # PEFT expands names for beams only
+            copies = options.get("num_return_sequences", 1)
+            peft_names = [n for n in peft_names for _ in range(copies)]
+        torch.manual_seed(11)
         expected = reference.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            adapter_names=[n or "__base__" for n in names],
-            **settings,
+            input_ids=ids, attention_mask=mask, adapter_names=peft_names, **settings
         )
+        torch.manual_seed(11)
         got = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **settings)
+        torch.manual_seed(11)
         base_only = model.generate(input_ids=ids, attention_mask=mask, **settings)
     assert torch.equal(got, expected)
     assert not torch.equal(got, base_only)  # the adapters change what is generated
