@@ -21,7 +21,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-BENCHMARKS = ("kernels", "merge", "model")
+BENCHMARKS = ("kernels", "merge", "model", "kinds")
+# bench_<file>.py of each benchmark whose script is named otherwise.
+SCRIPT_FILES = {"kinds": "adapter_kinds"}
 QUICK_OUT_DIR = os.path.join(tempfile.gettempdir(), "adaptfuse-bench-quick")
 
 
@@ -65,6 +67,7 @@ def script_arguments(name: str, device: str, quick: bool) -> list[str]:
         "kernels": ["--device", device],
         "merge": ["--device", device],
         "model": ["--device", device],
+        "kinds": [],  # CPU only: the bottleneck-vs-LoRA cost on DESIGN.md's CPU model
     }[name]
     if quick:
         arguments += {
@@ -74,6 +77,8 @@ def script_arguments(name: str, device: str, quick: bool) -> list[str]:
             "model": ["--hidden", "128", "--intermediate", "256", "--layers", "2"]
             + ["--batch", "4", "--prompt", "8", "--adapters", "2", "--rank", "4"]
             + ["--repeats", "3"],
+            "kinds": ["--dims", "16", "--layers", "2", "--hidden", "128", "--intermediate"]
+            + ["256", "--batch", "4", "--prompt", "8", "--adapters", "2", "--repeats", "2"],
         }[name]
     elif name == "kernels" and not on_gpu:
         arguments.append("--quick")
@@ -84,7 +89,7 @@ def _load_script(name: str):
     directory = benchmarks_dir()
     if directory not in sys.path:  # the scripts import their helpers as `common`
         sys.path.insert(0, directory)
-    path = os.path.join(directory, f"bench_{name}.py")
+    path = os.path.join(directory, f"bench_{SCRIPT_FILES.get(name, name)}.py")
     spec = importlib.util.spec_from_file_location(f"adaptfuse_benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -320,7 +325,28 @@ def _save(figure, plt, path: str) -> str:
     return path
 
 
-PLOTS = {"kernels": plot_kernels, "merge": plot_merge, "model": plot_model}
+def plot_kinds(result: dict, stem: str) -> list[str]:
+    """Bottleneck and LoRA (equal parameter budgets) as ratios to the base model, per
+    bottleneck dim, for prefill and one decode step."""
+    plt = _pyplot()
+    points = result["points"]
+    phases = list(points[0]["ratios_to_base"])
+    figure, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 3.6), squeeze=False)
+    positions = range(len(points))
+    for axis, phase in zip(axes[0], phases, strict=True):
+        for offset, kind in ((-0.2, "bottleneck"), (0.2, "lora")):
+            values = [p["ratios_to_base"][phase][kind] for p in points]
+            axis.bar([x + offset for x in positions], values, width=0.4, label=kind)
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xticks(list(positions))
+        axis.set_xticklabels([f"dim {p['dim']} / r {p['lora_rank']}" for p in points])
+        axis.set(ylabel="x base model", title=phase)
+        axis.legend()
+    figure.suptitle("bottleneck vs LoRA of equal parameters, mixed batch")
+    return [_save(figure, plt, f"{stem}.png")]
+
+
+PLOTS = {"kernels": plot_kernels, "merge": plot_merge, "model": plot_model, "kinds": plot_kinds}
 
 
 # ---- summaries: (figure, value, target) rows ----------------------------------------------
@@ -380,7 +406,27 @@ def summarize_model(result: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-SUMMARIES = {"kernels": summarize_kernels, "merge": summarize_merge, "model": summarize_model}
+def summarize_kinds(result: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for point in result["points"]:
+        for phase, ratios in point["ratios_to_base"].items():
+            target = result["targets"]["bottleneck_dim_64"][phase] if point["dim"] == 64 else ""
+            rows.append(
+                (
+                    f"{phase}: bottleneck dim {point['dim']} / LoRA r {point['lora_rank']}",
+                    f"{ratios['bottleneck']:.3f}x / {ratios['lora']:.3f}x base",
+                    f"<= {target}x (bottleneck)" if target else "",
+                )
+            )
+    return rows
+
+
+SUMMARIES = {
+    "kernels": summarize_kernels,
+    "merge": summarize_merge,
+    "model": summarize_model,
+    "kinds": summarize_kinds,
+}
 
 __all__ = [
     "BENCHMARKS",

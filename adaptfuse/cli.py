@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["kernels", "merge", "model", "all"],
+        choices=["kernels", "merge", "model", "kinds", "all"],
         help="which benchmark (default all)",
     )
     bench_parser.add_argument(

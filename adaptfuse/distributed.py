@@ -38,6 +38,16 @@ any slot is written, so a file that is corrupt only where one rank reads fails o
 and leaves every rank as it was. Merges agree the same way. A forward needs no collective of
 its own: every rank builds the same plan from the same adapter_names.
 
+Bottleneck adapters (AdapterHub seq_bn, double_seq_bn, par_bn) are replicated: every rank
+reads the whole folder (the ranks agree on the outcome as for LoRA), holds the whole adapter
+and applies it to the whole hidden states. Under the column/row-parallel plans every point
+sees those: attn_out and mlp_out hook the attention and MLP modules' outputs, which come out
+of o_proj's and down_proj's all-reduce; par_bn reads the residual stream and block_out the
+block's output, never sharded. Each rank computes the same f(h) from the same bits, so the
+ranks stay identical with no collective. Plans that would hand a point a shard or a partial
+sum (sequence-parallel norms, row-parallel outputs left sharded, MoE or module-level styles
+in the blocks) make patch refuse the points (refuse_bottleneck_points).
+
 Training: trainable adapters hold each rank's part as served ones do (mgr.named_parameters
 gives this rank's parts under PEFT's names). The factor every rank holds whole (A of a
 column-parallel layer, B of a row-parallel one) gets a partial gradient on each rank, summed
@@ -296,6 +306,12 @@ class TensorParallelManager(AdapterManager):
             lambda: read_here(path, name, dtype, slices), f"loading {path!r}"
         )
 
+    def _read_bottleneck(self, path: str, name: str, dtype: torch.dtype):
+        """Bottleneck adapters are replicated: every rank reads the whole folder, and the
+        ranks agree on the outcome before any slot is written, as for LoRA."""
+        read_here = super()._read_bottleneck
+        return self._on_every_rank(lambda: read_here(path, name, dtype), f"loading {path!r}")
+
     def _add_trainable(self, name, path, weights, r, lora_alpha, use_rslora, lora_dropout):
         """Trainable adapters hold this rank's part of each layer, as served ones do. Weights
         come whole from add_adapter (a random draw: every rank takes group rank 0's, so that
@@ -374,3 +390,45 @@ def shard_layouts(
                 raise
             unsupported[path] = str(error)
     return layouts, unsupported
+
+
+def refuse_bottleneck_points(model: nn.Module, blocks_path: str, points) -> None:
+    """Bottleneck adapters on a tensor-parallel model are replicated: every rank holds each
+    adapter whole and applies it to the whole hidden states at its points. That is right only
+    where every rank sees the whole, already summed activations, as under transformers'
+    column/row-parallel plans: a block's attention and MLP outputs come out of a row-parallel
+    layer's all-reduce (output Replicate), the residual stream and the block's output are
+    never sharded. Any other plan in the decoder blocks (sequence-parallel norms, row-parallel
+    layers whose output stays sharded or partial, packed, MoE or module-level styles), or a
+    sequence-parallel plan anywhere, would hand some point a shard or a partial sum: patch
+    refuses the points then, naming them, the layer and its plan."""
+    from torch.distributed.tensor import Replicate
+    from transformers.integrations.tensor_parallel import (
+        ALL_PARALLEL_STYLES,
+        ColwiseParallel,
+        RowwiseParallel,
+    )
+
+    prefix = f"{blocks_path}." if blocks_path else ""
+    for path, _module in model.named_modules():
+        plan = _plan_name(model, path)
+        if plan is None:
+            continue
+        style = ALL_PARALLEL_STYLES.get(plan)
+        in_blocks = path.startswith(prefix)
+        if in_blocks and type(style) is ColwiseParallel:
+            continue  # its output feeds a row-parallel layer or is gathered
+        if (
+            in_blocks
+            and type(style) is RowwiseParallel
+            and isinstance(style.output_layouts, Replicate)
+        ):
+            continue  # all-reduced before any point sees it
+        if not in_blocks and plan != "sequence_parallel":
+            continue  # embeddings, the output head: outside the blocks' residual stream
+        raise UnsupportedParallelLayer(
+            f"bottleneck points {list(points)} cannot be served on this tensor-parallel model: "
+            f"layer {path} has tensor-parallel plan {plan!r}, so some point would see a shard "
+            "or a partial sum of the hidden states where a replicated bottleneck adapter needs "
+            "the whole; patch with max_bottleneck_dim=0"
+        )

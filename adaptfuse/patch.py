@@ -86,16 +86,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _bottleneck_blocks(model: nn.Module, max_dim: int, tensor_parallel: bool):
+def _bottleneck_blocks(model: nn.Module, max_dim: int, tensor_parallel: bool, points):
     """(blocks path, [(block, hidden size, device, dtype)], layout) of the decoder blocks that
-    get bottleneck slots, or None when max_dim is 0."""
+    get bottleneck slots, or None when max_dim is 0. On a tensor-parallel model the adapters
+    are replicated, and the points must see the whole hidden states (distributed.py)."""
     if max_dim == 0:
         return None
-    if tensor_parallel:
-        raise ValueError(
-            "bottleneck adapters are not supported on tensor-parallel models; "
-            "patch with max_bottleneck_dim=0"
-        )
     found = decoder_blocks(model)
     if found is None:
         raise ValueError(
@@ -103,6 +99,8 @@ def _bottleneck_blocks(model: nn.Module, max_dim: int, tensor_parallel: bool):
             "(adaptfuse.layers.BLOCK_LAYOUTS) in this model"
         )
     path, blocks, layout = found
+    if tensor_parallel:
+        distributed.refuse_bottleneck_points(model, path, points)
     described = []
     for block in blocks:
         # The block's hidden size, device and dtype: those of its MLP norm's input.
@@ -183,7 +181,7 @@ def patch(
         per_device[device] = per_device.get(device, 0) + LoraLayer.bank_bytes(
             module, max_loras, max_rank, sharding[name]
         )
-    blocks = _bottleneck_blocks(model, max_bottleneck_dim, any(sharding.values()))
+    blocks = _bottleneck_blocks(model, max_bottleneck_dim, any(sharding.values()), points)
     if blocks is not None:
         for _block, hidden, device, dtype in blocks[1]:
             per_device[device] = per_device.get(device, 0) + len(

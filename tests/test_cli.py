@@ -94,7 +94,7 @@ def gpt2_checkpoint(tmp_path_factory):
         (["demo"], "--adapters"),
         (["inspect"], "Exit status 0: loadable"),
         (["merge"], "DIR[:WEIGHT]"),
-        (["bench"], "{kernels,merge,model,all}"),
+        (["bench"], "{kernels,merge,model,kinds,all}"),
     ],
 )
 def test_help_of_every_command(command, expected, capsys):
@@ -376,6 +376,7 @@ def test_bench_quick_writes_json_plots_and_summary(tmp_path):
         ("kernels", "median fraction of copy bandwidth"),
         ("merge", "record / W bytes"),
         ("model", "prefill: adaptfuse / base"),
+        ("kinds", "prefill: bottleneck dim 16"),
     ):
         assert any(line.startswith(name) and figure in line for line in result.stdout.splitlines())
         (json_path,) = out.glob(f"*_{name}_*.json")

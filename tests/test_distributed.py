@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -410,13 +411,97 @@ def check_training(results, side, case):
             assert torch.equal(bits(param), bits(part)), f"rank {rank}, fresh {key}"
 
 
+def bottleneck_case(directory) -> tuple[dict, dict]:
+    """AdapterHub's fixture Llama (4 heads, 2 KV heads: TP=2 shards it) with its bottleneck
+    adapters (every point: seq_bn's block_out, double_seq_bn's attn_out + mlp_out, par_bn)
+    and one PEFT LoRA adapter; the mixed batch; a copy of seq_bn corrupt on rank 1 only."""
+    from safetensors.torch import load_file, save_file
+    from test_bottleneck import FIXTURES, adapter_names_of, fixture_model
+
+    model, expected = fixture_model("llama")
+    bottlenecks = adapter_names_of(expected)
+    adapters = {name: os.path.join(FIXTURES, "llama", name) for name in bottlenecks}
+    lora = save_adapters(
+        model,
+        "llama",
+        str(directory),
+        configs={"llama": [dict(r=3, lora_alpha=6, target_modules="all-linear")]},
+        prefix="bn-lora",
+    )
+    adapters.update(lora)
+    rows = [(name, i % 2) for i, name in enumerate(bottlenecks)]
+    rows += [("bn-lora0", 1), (None, 0), ("bn-lora0", 0), (None, 1)]
+    ids = torch.stack([expected["input_ids"][row] for _, row in rows])
+    torch.save(ids, os.path.join(directory, "bottleneck-ids.pt"))
+    corrupt = os.path.join(directory, "bottleneck-corrupt")
+    shutil.copytree(adapters["seq_bn"], corrupt)
+    tensors = load_file(os.path.join(corrupt, "adapter.safetensors"))
+    key = next(k for k in tensors if k.endswith("adapter_up.bias"))
+    tensors[key][0] = float("nan")
+    save_file(tensors, os.path.join(corrupt, "adapter.safetensors"))
+    spec = {
+        "model": os.path.join(FIXTURES, "llama", "base"),
+        "adapters": adapters,
+        "max_loras": len(adapters),
+        "inputs": os.path.join(directory, "bottleneck-ids.pt"),
+        "names": [name for name, _ in rows],
+        "corrupt": corrupt,
+        "clean": adapters["seq_bn"],
+        "corrupt_rank": 1,
+    }
+    return spec, {"model": model, "expected": expected, "rows": rows, "lora": lora}
+
+
+def check_bottleneck(results, side):
+    """Bottleneck rows match AdapterHub's fixture logits, the LoRA rows PEFT's, the others
+    the base model, within DESIGN.md's tolerance, bit-identical on every rank."""
+    from test_bottleneck import assert_matches_adapterhub
+
+    model, expected, rows = side["model"], side["expected"], side["rows"]
+    with torch.no_grad():
+        lora_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), side["lora"]["bn-lora0"])
+        own = lora_model.eval()(expected["input_ids"]).logits
+        truth = lora_model.double()(expected["input_ids"]).logits
+    for rank, result in enumerate(results):
+        bottleneck = result["bottleneck"]
+        logits = bottleneck["logits"]
+        for i, (name, row) in enumerate(rows):
+            if name is None:
+                assert torch.allclose(logits[i], expected["base.float32"][row], atol=1e-5)
+            elif name == "bn-lora0":
+                assert_within_torch_error(
+                    logits[i], truth[row], own[row], torch.float32, f"rank {rank}, LoRA row {i}"
+                )
+            else:
+                assert_matches_adapterhub(logits[i], expected, name, rows=row)
+        assert torch.equal(bits(logits), bits(results[0]["bottleneck"]["logits"]))
+        failed = bottleneck["failed_load"]
+        assert failed["unchanged"] and failed["same_logits"], f"rank {rank} changed"
+        assert failed["error"] is not None and "non-finite" in failed["error"], failed["error"]
+        if rank != 1:
+            assert "failed on another rank" in failed["error"] and "rank 1:" in failed["error"]
+        refused = bottleneck["refused"]
+        assert refused is not None and "bottleneck points" in refused, refused
+        assert "post_attention_layernorm" in refused and "'sequence_parallel'" in refused
+        assert bottleneck["lora_only_manager"] == "TensorParallelManager"
+
+
 def test_tensor_parallel_llama_two_processes(tmp_path):
     """The default-tier case: mixed batch, grad, greedy generate, 100 merge cycles, loads
     that fail on one rank only, a layer under a plan adaptfuse does not adapt, and training."""
     case, side = build_case(
         "llama",
         tmp_path,
-        ["logits", "grad", "generate", "merge", "failed_loads", "unsupported_plan", "training"],
+        [
+            "logits",
+            "grad",
+            "generate",
+            "merge",
+            "failed_loads",
+            "unsupported_plan",
+            "training",
+            "bottleneck",
+        ],
         unsupported_layer="model.layers.*.mlp.up_proj",
         unsupported_plan="sequence_parallel",
         train_adapters=["adapter1", "adapter2"],
@@ -435,7 +520,9 @@ def test_tensor_parallel_llama_two_processes(tmp_path):
         },
     )
     case["corrupt_rank"] = {"column-rows-of-rank1": 1, "row-columns-of-rank0": 0}
+    case["bottleneck"], bottleneck_side = bottleneck_case(tmp_path)
     results = run_workers(case, 2, tmp_path)
+    check_bottleneck(results, bottleneck_side)
     check_logits(results, side)
     check_grad(results, side)
     check_generate(results, side)

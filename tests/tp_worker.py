@@ -228,6 +228,74 @@ def check_training(model, manager, inputs, case):
     }
 
 
+def check_bottleneck(model, manager, inputs, case):
+    """Replicated bottleneck adapters beside LoRA on another model (AdapterHub's fixture base,
+    loaded with tp_plan="auto"): a mixed batch of bottleneck, LoRA and no-adapter rows; a
+    bottleneck load that fails on one rank only (that rank's copy of the folder is corrupt)
+    and leaves every rank as it was; and a plan whose sequence-parallel norm would hand the
+    points a shard of the hidden states, refused by name."""
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    spec = case["bottleneck"]
+    fixture = load_tensor_parallel({"model": spec["model"]})
+    bn_manager = adaptfuse.patch(
+        fixture, max_loras=spec["max_loras"], max_rank=8, max_bottleneck_dim=16
+    )
+    for name, path in spec["adapters"].items():
+        bn_manager.load_adapter(path, adapter_name=name)
+    ids = torch.load(spec["inputs"])
+    with torch.no_grad():
+        logits = fixture(ids, adapter_names=spec["names"]).logits
+
+    def state():
+        return (
+            list(bn_manager.adapters),
+            dict(bn_manager._slot_of),
+            {n: bits(b).clone() for n, b in fixture.named_buffers()},
+        )
+
+    before = state()
+    try:
+        bad = spec["corrupt"] if dist.get_rank() == spec["corrupt_rank"] else spec["clean"]
+        bn_manager.load_adapter(bad, adapter_name="bad")
+        error = None
+    except Exception as exception:  # the test reads the type and message
+        error = f"{type(exception).__name__}: {exception}"
+    after = state()
+    with torch.no_grad():
+        logits_after = fixture(ids, adapter_names=spec["names"]).logits
+    unchanged = (
+        before[:2] == after[:2]
+        and before[2].keys() == after[2].keys()
+        and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    )
+    plan = {
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "model.layers.*.post_attention_layernorm": "sequence_parallel",
+    }
+    other = load_tensor_parallel(
+        {"model": spec["model"]}, tp_plan=None, distributed_config=DistributedConfig(tp_plan=plan)
+    )
+    try:
+        adaptfuse.patch(other, max_bottleneck_dim=16)
+        refused = None
+    except ValueError as exception:
+        refused = str(exception)
+    lora_only = adaptfuse.patch(other)  # the refusal left the model as it was
+    return {
+        "logits": logits,
+        "failed_load": {
+            "error": error,
+            "unchanged": unchanged,
+            "same_logits": torch.equal(bits(logits), bits(logits_after)),
+        },
+        "refused": refused,
+        "lora_only_manager": type(lora_only).__name__,
+    }
+
+
 CHECKS = {
     "logits": check_logits,
     "grad": check_grad,
@@ -236,6 +304,7 @@ CHECKS = {
     "failed_loads": check_failed_loads,
     "unsupported_plan": check_unsupported_plan,
     "training": check_training,
+    "bottleneck": check_bottleneck,
 }
 
 
