@@ -732,3 +732,10 @@ def read_adapterhub_adapter(
         scaling=float(options.get("scaling", 1.0)),
         points=served,
     )
+
+
+def read_adapterhub_options(path: str) -> dict:
+    """The BnConfig options ("config") of an AdapterHub folder that read_adapterhub_adapter has
+    validated."""
+    _, config = _read_config(path)
+    return dict(config["config"])

@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from adaptfuse import ops
-from adaptfuse.training import trainable_banks
+from adaptfuse.training import bank_views, trainable_banks
+
+
+def traced(x: torch.Tensor) -> bool:
+    """Whether this forward is being traced by torch.compile or captured into a CUDA graph.
+    Layers then always take the adapter path, even with no adapter in any slot: a graph
+    recorded while a layer was empty must still serve the adapters loaded later (and a
+    compiled graph must not guard on how many slots are filled)."""
+    return torch.compiler.is_compiling() or (
+        x.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
 
 
 class BatchPlans:
@@ -26,6 +36,7 @@ class BatchPlans:
         self.num_tokens = token_slots.shape[0]
 
     def on(self, device: torch.device) -> ops.Plan:
+        """The plan (token_slots [T] int32, token_order [T], slot_offsets [S + 1]) on `device`."""
         plan = self._plans.get(device)
         if plan is None:
             plan = ops.plan(self._token_slots.to(device, non_blocking=True), self._num_slots)
@@ -202,8 +213,10 @@ class LoraLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base(x) plus each token's adapter: x [..., H_in] with one row per token of the
+        forward's plan -> [..., H_out] in x's dtype."""
         plans = current_plan.get()
-        if plans is None or (self.active_slots == 0 and not self.trainable):
+        if plans is None or (not traced(x) and self.active_slots == 0 and not self.trainable):
             return self.base_layer(x, *args, **kwargs)
         if self.tensor_parallel is not None:
             # Added to this rank's own matmul output, before the base layer's collective.
@@ -230,7 +243,7 @@ class LoraLayer(nn.Module):
         return self._frozen_part(x, y, tokens, plan)
 
     def _frozen_part(self, x, y, tokens, plan):
-        if self.active_slots == 0:
+        if not traced(x) and self.active_slots == 0:
             return y
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
             # Frozen adapters in a forward with gradients: an ordinary forward, whose
@@ -307,6 +320,10 @@ class BottleneckLayer(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
         self._slot_dims: dict[int, int] = {}  # host mirror of ranks (no device reads)
         self.active_slots = 0
+        # Trainable bottleneck adapters: fp32 banks of the same layout (the up bias unscaled),
+        # allocated on the first one; slot -> training.TrainableBottleneckPoint.
+        self.train_banks: Optional[dict[str, torch.Tensor]] = None
+        self.trainable: dict = {}
 
     @staticmethod
     def bank_bytes(hidden: int, num_slots: int, max_dim: int, element_size: int) -> int:
@@ -335,11 +352,74 @@ class BottleneckLayer(nn.Module):
             self._slot_dims[slot] = dim
         self.active_slots += int(self._slot_dims[slot] > 0) - int(was_active)
 
+    def attach_trainable(self, slot: int, down, down_bias, up, up_bias, activation, scaling):
+        """Puts a trainable bottleneck (down [m, H], down_bias [m], up [H, m] as AdapterHub
+        stores it, up_bias [H]; fp32) in a slot of the fp32 banks; returns its parameters, views
+        of the banks, as a training.TrainableBottleneckPoint."""
+        from adaptfuse.training import TrainableBottleneckPoint
+
+        num_slots, max_dim = self.down.shape[:2]
+        if self.train_banks is None:
+            device = self.down.device
+            self.train_banks = dict(
+                down=torch.zeros(num_slots, max_dim, self.hidden, device=device),
+                up=torch.zeros(num_slots, max_dim, self.hidden, device=device),
+                down_bias=torch.zeros(num_slots, max_dim, device=device),
+                up_bias=torch.zeros(num_slots, self.hidden, device=device),
+                ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                scales=torch.zeros(num_slots, device=device),
+                activations=torch.zeros(num_slots, dtype=torch.int32, device=device),
+            )
+        banks = self.train_banks
+        dim = down.shape[0]
+        banks["down"][slot, :dim].copy_(down)
+        banks["up"][slot, :dim].copy_(up.t())
+        banks["down_bias"][slot, :dim].copy_(down_bias)
+        banks["up_bias"][slot].copy_(up_bias)
+        banks["ranks"][slot] = dim
+        banks["scales"][slot] = scaling
+        banks["activations"][slot] = ops.activation_code(activation)
+        point = TrainableBottleneckPoint(
+            down=nn.Parameter(banks["down"][slot, :dim]),
+            down_bias=nn.Parameter(banks["down_bias"][slot, :dim]),
+            up=nn.Parameter(banks["up"][slot, :dim].t()),
+            up_bias=nn.Parameter(banks["up_bias"][slot]),
+        )
+        self.trainable[slot] = point
+        return point
+
+    def detach_trainable(self, slot: int) -> None:
+        if self.trainable.pop(slot, None) is not None:
+            self.train_banks["ranks"][slot] = 0
+
+    def _trainable_delta(self, tokens: torch.Tensor, plan: ops.Plan) -> torch.Tensor:
+        """fp32 [T, H]: the trainable bottlenecks' part, differentiable in their parameters."""
+        banks = self.train_banks
+        parameters = []
+        for slot, point in self.trainable.items():
+            parameters += [
+                (point.down, 0, slot, False),
+                (point.up, 1, slot, True),
+                (point.down_bias, 2, slot, False),
+                (point.up_bias, 3, slot, False),
+            ]
+        down, up, down_bias, up_bias = bank_views(
+            (banks["down"], banks["up"], banks["down_bias"], banks["up_bias"]), parameters
+        )
+        ranks, scales = banks["ranks"], banks["scales"]
+        v = ops.shrink(
+            tokens, down, ranks, scales, plan, bias=down_bias, activations=banks["activations"]
+        )
+        # scaling * (W_up a + b_up) = W_up (scaling a) + scaling b_up: shrink applied the
+        # scaling to a, the bias gets it here (differentiably).
+        scaled_up_bias = up_bias * scales[:, None]
+        return ops.expand(v, [up], [0], self.hidden, ranks, plan, bias=scaled_up_bias)
+
     def add(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """target + f(source) for the rows whose slot holds a bottleneck here (source and
         target [..., H], one row per token of the batch plan); other rows pass untouched."""
         plans = current_plan.get()
-        if plans is None or self.active_slots == 0:
+        if plans is None or (not traced(source) and self.active_slots == 0 and not self.trainable):
             return target
         tokens = source.reshape(-1, self.hidden)
         if tokens.shape[0] != plans.num_tokens:
@@ -347,7 +427,23 @@ class BottleneckLayer(nn.Module):
                 f"adaptfuse: bottleneck input has {tokens.shape[0]} tokens but the batch plan "
                 f"has {plans.num_tokens} (adapter_names apply to inputs shaped [batch, sequence])"
             )
-        plan = plans.on(source.device)
+        if not self.trainable:
+            return self._add_served(tokens, target, plans)
+        # The trainable part first: the served part may write into target, which can be the
+        # source itself (s + f(s)).
+        delta = self._trainable_delta(tokens.contiguous(), plans.on(source.device))
+        served = (
+            self._add_served(tokens, target, plans)
+            if self.active_slots or traced(source)
+            else target
+        )
+        # As the LoRA layers do: the fp32 adapter output added, then one cast back.
+        return (served + delta.view(served.shape)).to(target.dtype)
+
+    def _add_served(self, tokens: torch.Tensor, target: torch.Tensor, plans: BatchPlans):
+        """target + f(tokens) through the served (frozen) banks (tokens: the source as
+        [T, H])."""
+        plan = plans.on(tokens.device)
         down_bias = self.down_bias_bits.view(torch.float32)
         up_bias = self.up_bias_bits.view(torch.float32)
         v = ops.shrink(
@@ -359,7 +455,7 @@ class BottleneckLayer(nn.Module):
             bias=down_bias,
             activations=self.activations,
         )
-        if torch.is_grad_enabled() and (source.requires_grad or target.requires_grad):
+        if torch.is_grad_enabled() and (tokens.requires_grad or target.requires_grad):
             # An ordinary differentiable forward (the ops carry autograd formulas); the
             # adapters' banks are buffers and get no gradient.
             delta = ops.expand(v, [self.up], [0], self.hidden, self.ranks, plan, bias=up_bias)

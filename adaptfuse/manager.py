@@ -10,11 +10,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from adaptfuse import ops
 from adaptfuse.adapters import (
     BASE_NAME,
     KEY_PREFIX,
     AdapterError,
     BottleneckAdapter,
+    BottleneckWeights,
     LoraAdapter,
     LoraWeights,
     is_adapterhub_folder,
@@ -22,14 +24,21 @@ from adaptfuse.adapters import (
     merge_terms,
     pattern_value,
     read_adapterhub_adapter,
+    read_adapterhub_options,
     read_peft_adapter,
 )
 from adaptfuse.layers import BatchPlans, BottleneckLayer, LoraLayer
 from adaptfuse.merge import LayerMerge, MergeOptions, merge_layer, unmerge_layer
 from adaptfuse.training import (
+    PRESET_POINTS,
     TrainableAdapter,
+    TrainableBottleneck,
     TrainableLayer,
+    adapterhub_key,
+    bottleneck_options,
+    init_bottleneck,
     read_training_options,
+    save_adapterhub_folder,
     save_peft_folder,
     select_layers,
 )
@@ -103,17 +112,21 @@ class AdapterManager:
     ) -> str:
         """Registers an adapter folder under adapter_name (default: the folder's name): a PEFT
         LoRA folder, or an AdapterHub bottleneck folder (recognised by its files). Everything is
-        read and validated before anything changes. trainable=True resumes training a LoRA
-        adapter (fp32 parameters, see add_adapter)."""
+        read and validated before anything changes. trainable=True resumes training it (fp32
+        parameters, see add_adapter and add_bottleneck_adapter)."""
         name = adapter_name if adapter_name is not None else path.rstrip("/").split("/")[-1]
         self._check_new_name(name)
         first = next(iter(self.layers.values())).lora_A
         if is_adapterhub_folder(path):
             if trainable:
-                raise ValueError(
-                    f"{path}: an AdapterHub bottleneck adapter; adaptfuse trains LoRA adapters "
-                    "only, load it with trainable=False to serve it"
-                )
+                adapter = self._read_bottleneck(path, name, torch.float32)
+                options = read_adapterhub_options(path)
+                weights = {
+                    key: (w.down, w.down_bias, w.up.t(), w.up_bias)
+                    for key, w in adapter.points.items()
+                }
+                self._add_trainable_bottleneck(name, path, options, weights)
+                return name
             adapter = self._read_bottleneck(path, name, first.dtype)
         elif trainable:
             adapter = self._read_adapter(path, name, torch.float32)
@@ -233,6 +246,7 @@ class AdapterManager:
                 gone = [n for n in wanted if n not in self._registry]
                 if gone:
                     raise KeyError(f"adapter(s) {gone} were unloaded; loaded: {self.adapters}")
+                self._refuse_unplaceable(wanted)
                 free = self.max_loras - len(self._slot_of)
                 return len(missing()) <= free + len(evictable())
 
@@ -246,6 +260,21 @@ class AdapterManager:
                 self._slot_of.move_to_end(n)
                 self._pins[n] += 1
             return [-1 if n is None else self._slot_of[n] for n in names], wanted
+
+    def _refuse_unplaceable(self, wanted) -> None:
+        """Refuses a batch that could wait forever: slots held by trainable or merged adapters
+        it does not name are not freed by forwards returning."""
+        merged = self.merged or {}
+        held = [
+            v for v in self._slot_of if v not in wanted and (v in self._trainable or v in merged)
+        ]
+        usable = self.max_loras - len(held)
+        if len(wanted) > usable:
+            raise ValueError(
+                f"the batch names {len(wanted)} distinct adapters but only {usable} of the "
+                f"max_loras={self.max_loras} slots can hold them: {held} keep theirs (trainable "
+                "adapters until freeze(), a merged one until unmerge())"
+            )
 
     def _evictable(self, wanted) -> list[str]:
         """Adapters in slots that may lose theirs, least recently used first: not wanted by
@@ -261,6 +290,7 @@ class AdapterManager:
         ]
 
     def release(self, pinned: Sequence[str]) -> None:
+        """Unpins the adapters acquire() pinned for one forward (their slots may be reused)."""
         with self._changed:
             for n in pinned:
                 self._pins[n] -= 1
@@ -269,7 +299,9 @@ class AdapterManager:
     def plan_for(
         self, adapter_names: Sequence[Optional[str]], batch: int, sequence: int
     ) -> tuple[BatchPlans, list[str]]:
-        """The forward's plans and the adapters it pinned (pass them to release())."""
+        """The plans of one forward over input_ids [batch, sequence] (token t of sequence b is
+        token b * sequence + t; its slot id repeats adapter_names[b]) and the adapters it
+        pinned (pass them to release())."""
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(
                 "adapter_names must be a list with one entry per sequence, "
@@ -342,26 +374,32 @@ class AdapterManager:
         )
         return adapter_name
 
+    def _slot_for_trainable(self, name: str) -> int:
+        """A slot for a new trainable adapter (free, or taken from the least recently used
+        evictable adapter), emptied in the served banks of both kinds. Call under the lock."""
+        self._check_new_name(name)
+        if len(self._trainable) >= self.max_loras:
+            raise ValueError(
+                f"cannot add trainable adapter {name!r}: all max_loras={self.max_loras} "
+                f"slots hold trainable adapters ({list(self._trainable)}); freeze one first"
+            )
+        if len(self._slot_of) < self.max_loras:
+            slot = self._free_slot()
+        else:
+            evictable = self._evictable(wanted=())
+            if not evictable:
+                raise ValueError(
+                    f"cannot add trainable adapter {name!r}: every slot is in use by a "
+                    "forward in flight or a merged adapter"
+                )
+            slot = self._slot_of.pop(evictable[0])
+        self._clear_slot(slot)
+        return slot
+
     def _add_trainable(self, name, path, weights, r, lora_alpha, use_rslora, lora_dropout):
         with self._changed:
-            self._check_new_name(name)
-            if len(self._trainable) >= self.max_loras:
-                raise ValueError(
-                    f"cannot add trainable adapter {name!r}: all max_loras={self.max_loras} "
-                    f"slots hold trainable adapters ({list(self._trainable)}); freeze one first"
-                )
-            if len(self._slot_of) < self.max_loras:
-                slot = self._free_slot()
-            else:
-                evictable = self._evictable(wanted=())
-                if not evictable:
-                    raise ValueError(
-                        f"cannot add trainable adapter {name!r}: every slot is in use by a "
-                        "forward in flight or a merged adapter"
-                    )
-                slot = self._slot_of.pop(evictable[0])
+            slot = self._slot_for_trainable(name)
             layers = {}
-            self._clear_slot(slot)  # the served banks of both kinds: nothing here
             for layer_path, layer in self.layers.items():
                 if layer_path not in weights:
                     continue
@@ -383,6 +421,79 @@ class AdapterManager:
             self._registry[name] = LoraAdapter(name=name, path=path, layers={})
             self._slot_of[name] = slot
 
+    def add_bottleneck_adapter(
+        self,
+        adapter_name: str,
+        config: str = "seq_bn",
+        reduction_factor=None,
+        non_linearity: Optional[str] = None,
+        scaling: Optional[float] = None,
+        init_weights: Optional[str] = None,
+        leave_out: Sequence[int] = (),
+    ) -> str:
+        """A new trainable AdapterHub bottleneck adapter: config one of "seq_bn" (on each
+        block's output), "double_seq_bn" (on the attention and the MLP outputs) or "par_bn"
+        (parallel to the MLP), with AdapterHub's defaults for that config unless given; the
+        bottleneck dim of a block is hidden // reduction_factor; init_weights "bert" (both
+        weights N(0, 0.02)) or "mam_adapter" (the up-projection starts at zero); leave_out:
+        block indices without an adapter. fp32 parameters with AdapterHub's key names
+        (mgr.named_parameters); save_adapter writes AdapterHub's format."""
+        options = bottleneck_options(
+            config, reduction_factor, non_linearity, scaling, init_weights, leave_out
+        )
+        self._check_new_name(adapter_name)
+        ops.activation_code(options["non_linearity"])  # an unknown activation, named
+        if not self.bottleneck_layers:
+            raise ValueError(
+                "patch() allocated no bottleneck slots; pass max_bottleneck_dim (e.g. 64) to "
+                "adaptfuse.patch to add bottleneck adapters"
+            )
+        points = set(PRESET_POINTS[config].values())
+        blocks = sorted({index for index, _ in self.bottleneck_layers})
+        unknown = sorted(set(options["leave_out"]) - set(blocks))
+        if unknown:
+            raise ValueError(f"leave_out={unknown}: the model has blocks {blocks[0]}..{blocks[-1]}")
+        weights = {}
+        for (index, point), layer in sorted(self.bottleneck_layers.items()):
+            if point not in points or index in options["leave_out"]:
+                continue
+            dim = int(layer.hidden // options["reduction_factor"])
+            if not 1 <= dim <= self.max_bottleneck_dim:
+                raise ValueError(
+                    f"add_bottleneck_adapter({adapter_name!r}): hidden size {layer.hidden} / "
+                    f"reduction_factor={options['reduction_factor']} gives bottleneck dim {dim}, "
+                    f"outside 1..max_bottleneck_dim={self.max_bottleneck_dim} given to patch()"
+                )
+            weights[(index, point)] = init_bottleneck(dim, layer.hidden, options["init_weights"])
+        missing = points - {point for _, point in self.bottleneck_layers}
+        if missing or not weights:
+            raise ValueError(
+                f"add_bottleneck_adapter({adapter_name!r}): config={config!r} acts at "
+                f"{sorted(points)}, but patch() allocated bottleneck slots only at "
+                f"{sorted({p for _, p in self.bottleneck_layers})} (see bottleneck_points)"
+            )
+        self._add_trainable_bottleneck(adapter_name, "<trainable>", options, weights)
+        return adapter_name
+
+    def _add_trainable_bottleneck(self, name, path, options, weights) -> None:
+        """weights: (block index, point) -> (down [m, H], down_bias [m], up [H, m], up_bias
+        [H]) as AdapterHub stores them."""
+        with self._changed:
+            slot = self._slot_for_trainable(name)
+            activation = options["non_linearity"].lower()
+            scaling = float(options["scaling"])
+            points = {}
+            for key, tensors in weights.items():
+                layer = self.bottleneck_layers[key]
+                device = layer.down.device
+                tensors = [t.to(device, torch.float32) for t in tensors]
+                points[key] = layer.attach_trainable(slot, *tensors, activation, scaling)
+            self._trainable[name] = TrainableBottleneck(name, slot, options, points)
+            self._registry[name] = BottleneckAdapter(
+                name=name, path=path, activation=activation, scaling=scaling, points={}
+            )
+            self._slot_of[name] = slot
+
     def _trainable_adapter(self, name: str) -> TrainableAdapter:
         if name not in self._trainable:
             kind = "frozen" if name in self._registry else "unknown"
@@ -393,8 +504,15 @@ class AdapterManager:
 
     def named_parameters(self, name: str):
         """(PEFT key, fp32 parameter) of a trainable adapter, e.g.
-        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", A [r, H_in])."""
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", A [r, H_in]);
+        AdapterHub's keys for a bottleneck adapter."""
         adapter = self._trainable_adapter(name)
+        if isinstance(adapter, TrainableBottleneck):
+            # AdapterHub's keys, e.g. "model.layers.0.output_adapters.adapters.x.adapter_up.bias".
+            for (index, point), parameters in adapter.points.items():
+                for part, parameter in parameters.named():
+                    yield adapterhub_key(self.blocks_path, index, point, name, part), parameter
+            return
         for path, layer in adapter.layers.items():
             yield f"{KEY_PREFIX}{path}.lora_A.weight", layer.A
             yield f"{KEY_PREFIX}{path}.lora_B.weight", layer.B
@@ -408,8 +526,12 @@ class AdapterManager:
         return list(self._trainable)
 
     def save_adapter(self, name: str, directory: str) -> None:
-        """Writes a trainable adapter as a PEFT folder (PeftModel.from_pretrained loads it)."""
+        """Writes a trainable adapter as a PEFT folder (PeftModel.from_pretrained loads it), or
+        a bottleneck adapter as an AdapterHub folder (load_adapter reads both back)."""
         adapter = self._trainable_adapter(name)
+        if isinstance(adapter, TrainableBottleneck):
+            save_adapterhub_folder(adapter, directory, self.blocks_path, self.model)
+            return
         fan_in_fan_out = any(
             not isinstance(self.layers[p].base_layer, nn.Linear) for p in adapter.layers
         )
@@ -421,6 +543,9 @@ class AdapterManager:
             adapter = self._trainable_adapter(name)
             self._changed.wait_for(lambda: self._pins[name] == 0)
             dtype = next(iter(self.layers.values())).lora_A.dtype
+            if isinstance(adapter, TrainableBottleneck):
+                self._freeze_bottleneck(adapter, dtype)
+                return
             served = {}
             for path, layer in adapter.layers.items():
                 A = layer.A.detach().to("cpu", dtype).contiguous()
@@ -433,6 +558,31 @@ class AdapterManager:
             del self._trainable[name]
             self._registry[name] = LoraAdapter(name=name, path="<frozen>", layers=served)
             self._place(name, adapter.slot)
+
+    def _freeze_bottleneck(self, adapter: TrainableBottleneck, dtype: torch.dtype) -> None:
+        served = {}
+        for key, parameters in adapter.points.items():
+            down = parameters.down.detach().to("cpu", dtype).contiguous()
+            up = parameters.up.detach().t().to("cpu", dtype).contiguous()
+            if self.device.type == "cuda":
+                down, up = down.pin_memory(), up.pin_memory()
+            served[key] = BottleneckWeights(
+                down=down,
+                down_bias=parameters.down_bias.detach().cpu().clone(),
+                up=up,
+                up_bias=parameters.up_bias.detach().cpu().clone(),
+            )
+        for layer in self.bottleneck_layers.values():
+            layer.detach_trainable(adapter.slot)
+        del self._trainable[adapter.name]
+        self._registry[adapter.name] = BottleneckAdapter(
+            name=adapter.name,
+            path="<frozen>",
+            activation=adapter.activation,
+            scaling=adapter.scaling,
+            points=served,
+        )
+        self._place(adapter.name, adapter.slot)
 
     @contextlib.contextmanager
     def forward_session(self):

@@ -4,6 +4,7 @@ adapter_names through forward."""
 from __future__ import annotations
 
 import contextvars
+import inspect
 import os
 from typing import Optional, Sequence, Union
 
@@ -266,6 +267,9 @@ def patch(
             output = _plan_during_backward(output, plans)
         return output
 
+    # transformers' generate inspects forward's signature (position_ids, logits_to_keep,
+    # attention_mask...): the wrapper shows the original's, plus adapter_names.
+    forward.__signature__ = _signature_with_adapter_names(original_forward)
     model.forward = forward
 
     original_apply = model._apply
@@ -316,6 +320,18 @@ def patch(
     return manager
 
 
+def _signature_with_adapter_names(function) -> inspect.Signature:
+    """function's signature with a keyword-only adapter_names (before any **kwargs)."""
+    signature = inspect.signature(function)
+    parameters = [p for p in signature.parameters.values() if p.name != "adapter_names"]
+    names = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next(
+        (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD),
+        len(parameters),
+    )
+    return signature.replace(parameters=parameters[:at] + [names] + parameters[at:])
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Puts the original layers back (their weights were never touched), restores every
     parameter's requires_grad and the model's forward."""
@@ -340,6 +356,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def manager_of(model: nn.Module) -> AdapterManager:
+    """The AdapterManager that adaptfuse.patch(model) returned; raises ValueError naming the
+    problem when the model is not patched."""
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("this model is not patched by adaptfuse")

@@ -91,3 +91,25 @@ def test_compiled_model_matches_eager_across_assignments(served):
             for names in assignments[1:]:
                 got = model(ids, adapter_names=names).logits
                 torch.testing.assert_close(got, eager[tuple(names)], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_compiled_while_empty_serves_adapters_loaded_later(served):
+    """A graph traced while no slot holds an adapter still has the LoRA path: adapters loaded
+    afterwards are served by it, with no recompile."""
+    base, paths = served
+    model = copy.deepcopy(base)
+    manager = adaptfuse.patch(model, max_loras=2, max_rank=16)
+    layer = next(iter(manager.layers.values()))
+    assert layer.active_slots == 0
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 5, layer.in_features)
+    torch._dynamo.reset()
+    empty = layer_output(manager, compiled, x, [None, None])
+    torch.testing.assert_close(empty, layer_output(manager, layer, x, [None, None]))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        manager.load_adapter(paths["adapter0"], adapter_name="late")
+        got = layer_output(manager, compiled, x, ["late", None])
+        eager = layer_output(manager, layer, x, ["late", None])
+        torch.testing.assert_close(got, eager)
+        assert not torch.allclose(got[0], empty[0])  # the adapter is applied
+        torch.testing.assert_close(got[1], empty[1])
