@@ -22,8 +22,12 @@ import time
 from collections.abc import Sequence
 
 BENCHMARKS = ("kernels", "merge", "model", "kinds")
+# Run only when named: minutes of training even on the CPU defaults (`all` stays the quick
+# measurements; `adaptfuse bench quality` trains and compares adapters).
+ON_REQUEST = ("quality",)
+CHOICES = (*BENCHMARKS, *ON_REQUEST, "all")
 # bench_<file>.py of each benchmark whose script is named otherwise.
-SCRIPT_FILES = {"kinds": "adapter_kinds"}
+SCRIPT_FILES = {"kinds": "adapter_kinds", "quality": "adapter_quality"}
 QUICK_OUT_DIR = os.path.join(tempfile.gettempdir(), "adaptfuse-bench-quick")
 
 
@@ -68,6 +72,7 @@ def script_arguments(name: str, device: str, quick: bool) -> list[str]:
         "merge": ["--device", device],
         "model": ["--device", device],
         "kinds": [],  # CPU only: the bottleneck-vs-LoRA cost on DESIGN.md's CPU model
+        "quality": ["--device", device],
     }[name]
     if quick:
         arguments += {
@@ -79,6 +84,7 @@ def script_arguments(name: str, device: str, quick: bool) -> list[str]:
             + ["--repeats", "3"],
             "kinds": ["--dims", "16", "--layers", "2", "--hidden", "128", "--intermediate"]
             + ["256", "--batch", "4", "--prompt", "8", "--adapters", "2", "--repeats", "2"],
+            "quality": ["--quick"],
         }[name]
     elif name == "kernels" and not on_gpu:
         arguments.append("--quick")
@@ -346,7 +352,19 @@ def plot_kinds(result: dict, stem: str) -> list[str]:
     return [_save(figure, plt, f"{stem}.png")]
 
 
-PLOTS = {"kernels": plot_kernels, "merge": plot_merge, "model": plot_model, "kinds": plot_kinds}
+def plot_quality(result: dict, stem: str) -> list[str]:
+    """Nothing more: the script draws its curves and summary itself (<stem>_curves.png,
+    <stem>_summary.png), so that a run without the CLI has them too."""
+    return []
+
+
+PLOTS = {
+    "kernels": plot_kernels,
+    "merge": plot_merge,
+    "model": plot_model,
+    "kinds": plot_kinds,
+    "quality": plot_quality,
+}
 
 
 # ---- summaries: (figure, value, target) rows ----------------------------------------------
@@ -421,15 +439,49 @@ def summarize_kinds(result: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def summarize_quality(result: dict) -> list[tuple[str, str, str]]:
+    """Per task: each kind's best final held-out loss (its range over the seeds) and exact
+    match, the base's beside."""
+    rows = []
+    for task, kinds in result["best"].items():
+        base = result["base"][task]
+        parts = []
+        for kind, best in kinds.items():
+            losses = [seed["loss"] for seed in best.get("seeds", [])]
+            spread = f" [{min(losses):.2f}-{max(losses):.2f}]" if len(losses) > 1 else ""
+            parts.append(f"{kind} {best['loss']:.3f}{spread} / {best['exact_match']:.0%}")
+        measured = ", ".join(parts)
+        rows.append(
+            (
+                f"{task}: held-out loss / exact match",
+                f"{measured} (base {base['loss']:.3f} / {base['exact_match']:.0%})",
+                "",
+            )
+        )
+    timings = result["timings"]
+    rows.append(
+        (
+            "adapters trained in one batch",
+            f"{result['setup']['adapters_in_the_batch']} "
+            f"({timings['train_step_ms']:.0f} ms per step, total {timings['total_s']:.0f} s)",
+            "",
+        )
+    )
+    return rows
+
+
 SUMMARIES = {
     "kernels": summarize_kernels,
     "merge": summarize_merge,
     "model": summarize_model,
     "kinds": summarize_kinds,
+    "quality": summarize_quality,
 }
 
 __all__ = [
     "BENCHMARKS",
+    "CHOICES",
+    "ON_REQUEST",
     "BenchmarkError",
     "BenchmarkRun",
     "benchmarks_dir",

@@ -361,16 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the benchmarks: JSON, PNG plots and a summary table",
         description="Runs benchmarks/bench_<name>.py of the source checkout (kernels: "
         "shrink + expand against the byte bound; merge: merge + unmerge and the exact-restore "
-        "record; model: base vs PEFT vs adaptfuse on a random Llama), writes each one's JSON "
-        "(setup, device, versions, figures) and PNG plots, and prints a summary. CPU variants "
-        "on a CPU, GPU variants with --device cuda.",
+        "record; model: base vs PEFT vs adaptfuse on a random Llama; kinds: bottleneck vs "
+        "LoRA cost; quality: bottleneck vs LoRA adapters trained on held-out synthetic tasks, "
+        "minutes, so run only when named, never by all), writes each one's JSON (setup, "
+        "device, versions, figures) and PNG plots, and prints a summary. CPU variants on a "
+        "CPU, GPU variants with --device cuda.",
     )
     bench_parser.add_argument(
         "which",
         nargs="?",
         default="all",
-        choices=["kernels", "merge", "model", "kinds", "all"],
-        help="which benchmark (default all)",
+        # benchmarking.CHOICES, spelled out here: importing adaptfuse would slow down --help
+        choices=["kernels", "merge", "model", "kinds", "quality", "all"],
+        help="which benchmark (default all: every one but quality)",
     )
     bench_parser.add_argument(
         "--device", default=None, help="cpu or cuda (default: cuda when usable)"

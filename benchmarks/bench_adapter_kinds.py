@@ -11,8 +11,7 @@ prefill <= 1.03x, decode <= 1.10x).
     python benchmarks/bench_adapter_kinds.py [--dims 16 32 64] [--layers 8] [--repeats 9]
 
 (`adaptfuse bench kinds` runs it and plots the ratios.) The quality half of the comparison
-(training both kinds on held-out tasks) needs bottleneck training, which adaptfuse does not
-have yet: it is not part of this script.
+(both kinds trained on held-out tasks) is bench_adapter_quality.py (`adaptfuse bench quality`).
 """
 
 from __future__ import annotations

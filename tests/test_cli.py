@@ -94,7 +94,7 @@ def gpt2_checkpoint(tmp_path_factory):
         (["demo"], "--adapters"),
         (["inspect"], "Exit status 0: loadable"),
         (["merge"], "DIR[:WEIGHT]"),
-        (["bench"], "{kernels,merge,model,kinds,all}"),
+        (["bench"], "{kernels,merge,model,kinds,quality,all}"),
     ],
 )
 def test_help_of_every_command(command, expected, capsys):
