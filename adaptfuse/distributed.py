@@ -68,7 +68,7 @@ from torch import nn
 
 from adaptfuse.adapters import AdapterError
 from adaptfuse.manager import AdapterManager
-from adaptfuse.training import save_peft_folder
+from adaptfuse.training import TrainableBottleneck, save_peft_folder
 
 T = TypeVar("T")
 
@@ -340,10 +340,29 @@ class TensorParallelManager(AdapterManager):
                 replicated = trainable.A if sharded.replicated_factor == "A" else trainable.B
                 replicated.register_hook(sharded.sum_gradient)
 
+    def _add_trainable_bottleneck(self, name, path, options, weights) -> None:
+        """Bottleneck adapters are replicated: every rank takes group rank 0's weights (a
+        random draw in add_bottleneck_adapter). Their inputs are replicated activations, so
+        every rank computes the same, whole gradients: nothing to sum."""
+        group = self._sharded_layers()[0].group
+        agreed = {}
+        for key, tensors in weights.items():
+            tensors = [t.to(self.device, torch.float32).contiguous() for t in tensors]
+            for tensor in tensors:
+                dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+            agreed[key] = tuple(tensors)
+        super()._add_trainable_bottleneck(name, path, options, agreed)
+
     def save_adapter(self, name: str, directory: str) -> None:
         """Every rank calls it: the parts are gathered, and group rank 0 writes the whole
-        adapter as a PEFT folder."""
+        adapter as a PEFT folder (a replicated bottleneck adapter as AdapterHub's)."""
         adapter = self._trainable_adapter(name)
+        group = self._sharded_layers()[0].group
+        if isinstance(adapter, TrainableBottleneck):
+            if dist.get_rank(group) == 0:
+                super().save_adapter(name, directory)
+            dist.barrier(group=group)
+            return
         whole = {}
         for layer_path, trainable in adapter.layers.items():
             A, B = trainable.A.detach(), trainable.B.detach().t()
@@ -351,7 +370,6 @@ class TensorParallelManager(AdapterManager):
             if sharded is not None:
                 A, B = sharded.gather_whole(A, B)
             whole[layer_path] = dataclasses.replace(trainable, A=A, B=B.t())
-        group = self._sharded_layers()[0].group
         if dist.get_rank(group) == 0:
             save_peft_folder(dataclasses.replace(adapter, layers=whole), directory, False)
         dist.barrier(group=group)

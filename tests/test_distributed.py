@@ -439,7 +439,13 @@ def bottleneck_case(directory) -> tuple[dict, dict]:
     key = next(k for k in tensors if k.endswith("adapter_up.bias"))
     tensors[key][0] = float("nan")
     save_file(tensors, os.path.join(corrupt, "adapter.safetensors"))
+    train_names = ["s", None, "d", "p", "s", "p", "d"]
+    train_ids = expected["input_ids"][[i % 2 for i in range(len(train_names))]]
+    torch.save(train_ids, os.path.join(directory, "bottleneck-train-ids.pt"))
     spec = {
+        "train_inputs": os.path.join(directory, "bottleneck-train-ids.pt"),
+        "train_names": train_names,
+        "saved": os.path.join(directory, "bottleneck-trained-d"),
         "model": os.path.join(FIXTURES, "llama", "base"),
         "adapters": adapters,
         "max_loras": len(adapters),
@@ -486,6 +492,41 @@ def check_bottleneck(results, side):
         assert bottleneck["lora_only_manager"] == "TensorParallelManager"
 
 
+def check_bottleneck_training(results, side, spec):
+    """Replicated trainable bottleneck adapters: every rank holds group rank 0's draw, and
+    every rank's gradients match plain torch training each adapter alone in one process
+    (DESIGN.md's rule: float64 truth, float32 plain torch); the saved folder holds them."""
+    from test_bottleneck_training import KINDS, plain_gradients
+
+    import adaptfuse
+
+    base = side["model"]
+    single = copy.deepcopy(base)
+    manager = adaptfuse.patch(single, max_loras=4, max_rank=4, max_bottleneck_dim=16)
+    first = results[0]["bottleneck"]["training"]["initial"]
+    for name, (config, options) in KINDS.items():
+        manager.add_bottleneck_adapter(name, config=config, **options)
+        with torch.no_grad():
+            for key, parameter in manager.named_parameters(name):
+                parameter.copy_(first[name][key])
+    ids, names = torch.load(spec["train_inputs"]), spec["train_names"]
+    exact, *_ = plain_gradients(base, manager, ids, names, torch.float64)
+    own, *_ = plain_gradients(base, manager, ids, names, torch.float32)
+    for rank, result in enumerate(results):
+        training = result["bottleneck"]["training"]
+        for name in KINDS:
+            for key, value in training["initial"][name].items():
+                assert torch.equal(bits(value), bits(first[name][key])), f"rank {rank} {key}"
+            for key, grad in training["gradients"][name].items():
+                assert_within_torch_error(
+                    grad, exact[(name, key)], own[(name, key)], torch.float32, f"rank {rank} {key}"
+                )
+    manager.load_adapter(spec["saved"], adapter_name="d-saved", trainable=True)
+    saved = dict(manager.named_parameters("d-saved"))
+    for key, value in first["d"].items():
+        assert torch.equal(bits(saved[key.replace(".d.", ".d-saved.")]), bits(value)), key
+
+
 def test_tensor_parallel_llama_two_processes(tmp_path):
     """The default-tier case: mixed batch, grad, greedy generate, 100 merge cycles, loads
     that fail on one rank only, a layer under a plan adaptfuse does not adapt, and training."""
@@ -523,6 +564,7 @@ def test_tensor_parallel_llama_two_processes(tmp_path):
     case["bottleneck"], bottleneck_side = bottleneck_case(tmp_path)
     results = run_workers(case, 2, tmp_path)
     check_bottleneck(results, bottleneck_side)
+    check_bottleneck_training(results, bottleneck_side, case["bottleneck"])
     check_logits(results, side)
     check_grad(results, side)
     check_generate(results, side)

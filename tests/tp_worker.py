@@ -269,6 +269,24 @@ def check_bottleneck(model, manager, inputs, case):
         and before[2].keys() == after[2].keys()
         and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
     )
+    # Training replicated bottleneck adapters: every rank draws with its own seed here, and
+    # must start from group rank 0's draw all the same.
+    from test_bottleneck_training import KINDS
+
+    torch.manual_seed(100 + dist.get_rank())
+    for name, (config, options) in KINDS.items():
+        bn_manager.add_bottleneck_adapter(name, config=config, **options)
+    initial = {
+        name: {k: p.detach().clone() for k, p in bn_manager.named_parameters(name)}
+        for name in KINDS
+    }
+    train_ids = torch.load(spec["train_inputs"])
+    logits_train = fixture(train_ids, adapter_names=spec["train_names"]).logits
+    adaptfuse.per_adapter_loss(logits_train, train_ids, spec["train_names"]).backward()
+    gradients = {
+        name: {k: p.grad.clone() for k, p in bn_manager.named_parameters(name)} for name in KINDS
+    }
+    bn_manager.save_adapter("d", spec["saved"])
     plan = {
         "model.layers.*.mlp.gate_proj": "colwise",
         "model.layers.*.mlp.up_proj": "colwise",
@@ -293,6 +311,7 @@ def check_bottleneck(model, manager, inputs, case):
         },
         "refused": refused,
         "lora_only_manager": type(lora_only).__name__,
+        "training": {"initial": initial, "gradients": gradients},
     }
 
 
