@@ -528,8 +528,10 @@ def check_bottleneck_training(results, side, spec):
 
 
 def test_tensor_parallel_llama_two_processes(tmp_path):
-    """The default-tier case: mixed batch, grad, greedy generate, 100 merge cycles, loads
-    that fail on one rank only, a layer under a plan adaptfuse does not adapt, and training."""
+    """The default-tier case: mixed batch, grad, greedy generate, 100 merge cycles, the
+    model-level refusals and a merge failing on one rank only, loads that fail on one rank
+    only, a layer under a plan adaptfuse does not adapt, training, and bottleneck adapters
+    (served and trained)."""
     case, side = build_case(
         "llama",
         tmp_path,
@@ -538,6 +540,7 @@ def test_tensor_parallel_llama_two_processes(tmp_path):
             "grad",
             "generate",
             "merge",
+            "refusals",
             "failed_loads",
             "unsupported_plan",
             "training",
@@ -571,6 +574,14 @@ def test_tensor_parallel_llama_two_processes(tmp_path):
     check_merge(results, side)
     check_failed_loads(results, case)
     check_training(results, side, case)
+    for rank, result in enumerate(results):
+        refusals = result["refusals"]
+        assert "method 'ties'" in refusals["ties"] and "use method='linear'" in refusals["ties"]
+        assert "lora_dropout=0.1" in refusals["dropout"]
+        assert "is merged; call unmerge() first" in refusals["second"]
+        expected = "injected failure on rank 1" if rank == 1 else "failed on another rank"
+        assert refusals["one_rank"] is not None and expected in refusals["one_rank"], refusals
+        assert refusals["merged_after"] is None and refusals["unchanged"], f"rank {rank}"
     for result in results:
         messages = result["unsupported_plan"]
         assert "model.layers.0.mlp.up_proj" in messages["explicit"]

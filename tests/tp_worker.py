@@ -134,6 +134,48 @@ def check_merge(model, manager, inputs, case):
     }
 
 
+def check_refusals(model, manager, inputs, case):
+    """DESIGN.md's model-level rules under tensor parallelism, on every rank: merge methods
+    that trim a whole delta refused, lora_dropout refused, a second merge refused while
+    merged, and a merge that fails on one rank only (injected at that rank's third layer)
+    leaving every rank unmerged with its shards bit-identical."""
+    import adaptfuse.manager as manager_module
+
+    shards = {path: layer.weight_out_in() for path, layer in manager.layers.items()}
+    original = {path: bits(w).clone() for path, w in shards.items()}
+    name = case["merge_adapter"]
+    messages = {}
+
+    def attempt(key, call):
+        try:
+            call()
+            messages[key] = None
+        except Exception as exception:  # the test reads the type and message
+            messages[key] = f"{type(exception).__name__}: {exception}"
+
+    attempt("ties", lambda: manager.merge({name: 1.0}, method="ties", density=0.5))
+    attempt("dropout", lambda: manager.add_adapter("dropping", r=2, lora_dropout=0.1))
+    manager.merge(name)
+    attempt("second", lambda: manager.merge(name))
+    manager.unmerge()
+    real_merge_layer, merged_layers = manager_module.merge_layer, [0]
+
+    def failing_on_rank_one(*args, **kwargs):
+        merged_layers[0] += 1
+        if dist.get_rank() == 1 and merged_layers[0] == 3:
+            raise RuntimeError("injected failure on rank 1")
+        return real_merge_layer(*args, **kwargs)
+
+    manager_module.merge_layer = failing_on_rank_one
+    try:
+        attempt("one_rank", lambda: manager.merge(name))
+    finally:
+        manager_module.merge_layer = real_merge_layer
+    messages["merged_after"] = manager.merged
+    messages["unchanged"] = all(torch.equal(bits(w), original[p]) for p, w in shards.items())
+    return messages
+
+
 def check_failed_loads(model, manager, inputs, case):
     """Loads adapters that are corrupt only where some ranks read: every rank must refuse,
     and every rank's adapters, slots and logits must stay exactly as they were."""
@@ -321,6 +363,7 @@ CHECKS = {
     "generate": check_generate,
     "merge": check_merge,
     "failed_loads": check_failed_loads,
+    "refusals": check_refusals,
     "unsupported_plan": check_unsupported_plan,
     "training": check_training,
     "bottleneck": check_bottleneck,
