@@ -140,10 +140,12 @@ def per_adapter_loss(
             f"per_adapter_loss: adapter_names has {len(adapter_names)} entries but the batch "
             f"has {logits.shape[0]} sequences"
         )
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
+    # The labels are shifted, not the logits ([batch, sequence, vocab]: a shifted slice of
+    # them would be copied, forward and backward); the last position predicts nothing.
+    labels = labels.to(logits.device)
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1)
     token_loss = nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]),
+        logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
         ignore_index=ignore_index,
         reduction="none",
