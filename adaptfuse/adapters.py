@@ -91,6 +91,8 @@ class LoraWeights:
 
 @dataclasses.dataclass
 class LoraAdapter:
+    """A registered PEFT LoRA adapter: module path -> LoraWeights (A [r, H_in], B [r, H_out],
+    scale), on the CPU."""
     name: str
     path: str
     layers: dict[str, LoraWeights]  # module path in the base model -> weights

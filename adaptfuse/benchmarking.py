@@ -371,6 +371,7 @@ PLOTS = {
 
 
 def summarize_kernels(result: dict) -> list[tuple[str, str, str]]:
+    """Summary rows (name, figure) of a kernels benchmark JSON."""
     rows = result["decode"]
     best = result["setup"]["families"][0]
     fractions = sorted(r["fraction_of_copy_bandwidth"] for r in rows)
@@ -387,6 +388,7 @@ def summarize_kernels(result: dict) -> list[tuple[str, str, str]]:
 
 
 def summarize_merge(result: dict) -> list[tuple[str, str, str]]:
+    """Summary rows (name, figure) of a merge benchmark JSON."""
     rows = [
         (
             f"|delta|/|W| {p['mean_abs_delta_over_w']}: record / W bytes",
@@ -411,6 +413,7 @@ def summarize_merge(result: dict) -> list[tuple[str, str, str]]:
 
 
 def summarize_model(result: dict) -> list[tuple[str, str, str]]:
+    """Summary rows (name, figure) of a model benchmark JSON."""
     rows = []
     for phase, ratios in result["ratios_to_base"].items():
         base_ms = result["timings"][phase]["base"]["median_us"] / 1e3
@@ -425,6 +428,7 @@ def summarize_model(result: dict) -> list[tuple[str, str, str]]:
 
 
 def summarize_kinds(result: dict) -> list[tuple[str, str, str]]:
+    """Summary rows (name, figure) of a bottleneck-vs-LoRA cost benchmark JSON."""
     rows = []
     for point in result["points"]:
         for phase, ratios in point["ratios_to_base"].items():

@@ -54,6 +54,8 @@ def _check_device(device: str) -> None:
 
 
 def demo(args) -> int:
+    """`adaptfuse demo [--model PATH --adapters DIR...]`: the main job (adaptfuse.demo); returns the
+    exit status."""
     from adaptfuse.demo import run_demo
 
     device = args.device or _default_device()
@@ -185,6 +187,8 @@ def _print_inspect_report(report: dict) -> None:
 
 
 def inspect(args) -> int:
+    """`adaptfuse inspect PATH [--json]`: prints a PEFT folder's modules, ranks, alphas and
+    scales and whether adaptfuse can load it; exit status 0 loadable, 1 not."""
     if not os.path.exists(args.path):
         raise UsageError(f"{args.path}: no such file or directory")
     report = inspect_report(args.path)
@@ -199,6 +203,8 @@ def inspect(args) -> int:
 
 
 def merge(args) -> int:
+    """`adaptfuse merge --base DIR --adapter DIR[:WEIGHT]... -o OUT`: writes the merged checkpoint
+    shard by shard (adaptfuse.checkpoint); returns the exit status."""
     from adaptfuse.checkpoint import CheckpointError, merge_checkpoint, parse_adapter_argument
 
     _existing_dir(args.base, "--base")
@@ -230,6 +236,8 @@ def merge(args) -> int:
 
 
 def bench(args) -> int:
+    """`adaptfuse bench [TARGET]`: runs the benchmark scripts of TARGET, writes their JSON and
+    plots, prints a summary; returns the exit status."""
     from tqdm.auto import tqdm
 
     from adaptfuse import benchmarking
@@ -274,6 +282,7 @@ def bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # --verbose works before or after the command; SUPPRESS keeps a subcommand's default from
     # overwriting a --verbose given before it.
+    """The argparse parser of every command (each with --help)."""
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument(
         "-v",
@@ -428,6 +437,8 @@ def _library_chatter(shown: bool):
 
 
 def main(argv=None) -> int:
+    """Entry point of the `adaptfuse` command: 0 success, 1 failure (one line on stderr, the
+    traceback with --verbose), 2 bad usage."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on bad usage
     try:

@@ -92,6 +92,7 @@ class AdapterManager:
 
     @property
     def device(self) -> torch.device:
+        """The device of the slot banks (the first adapted layer's)."""
         return next(iter(self.layers.values())).lora_A.device
 
     def _check_new_name(self, name) -> None:
@@ -523,6 +524,7 @@ class AdapterManager:
 
     @property
     def trainable_adapters(self) -> list[str]:
+        """Names of the adapters that are trainable now (until freeze())."""
         return list(self._trainable)
 
     def save_adapter(self, name: str, directory: str) -> None:

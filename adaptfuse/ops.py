@@ -118,6 +118,7 @@ class Plan(NamedTuple):
 
     @property
     def num_slots(self) -> int:
+        """S, the number of slots the plan was built for."""
         return self.slot_offsets.shape[0] - 1
 
 
@@ -261,10 +262,12 @@ class MergeRecord:
 
     @property
     def num_entries(self) -> int:
+        """Number of elements whose bits the record restores."""
         return self.offsets.numel()
 
     @property
     def nbytes(self) -> int:
+        """Bytes the record holds on its device."""
         return sum(t.numel() * t.element_size() for t in dataclasses.astuple(self))
 
     def fraction_of(self, W: torch.Tensor) -> float:

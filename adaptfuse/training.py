@@ -32,6 +32,7 @@ from adaptfuse.adapters import (
 
 @dataclasses.dataclass
 class TrainableLayer:
+    """One adapted layer of a trainable LoRA adapter: its parameters, alpha and scale."""
     A: nn.Parameter  # [r, H_in], a view of the layer's fp32 bank
     B: nn.Parameter  # [H_out, r], a transposed view of the layer's fp32 bank
     alpha: float
@@ -44,6 +45,7 @@ class TrainableLayer:
 
 @dataclasses.dataclass
 class TrainableAdapter:
+    """A trainable LoRA adapter: its slot, PEFT options and parameters per module path."""
     name: str
     slot: int
     r: int
@@ -315,6 +317,8 @@ def init_bottleneck(dim: int, hidden: int, init_weights: str) -> tuple[torch.Ten
 
 @dataclasses.dataclass
 class TrainableBottleneckPoint:
+    """One insertion point of a trainable bottleneck adapter: fp32 parameters in AdapterHub's
+    shapes."""
     down: nn.Parameter  # [m, H], a view of the layer's fp32 bank (AdapterHub's adapter_down.0)
     down_bias: nn.Parameter  # [m]
     up: nn.Parameter  # [H, m], a transposed view (AdapterHub's adapter_up.weight)
@@ -331,6 +335,8 @@ class TrainableBottleneckPoint:
 
 @dataclasses.dataclass
 class TrainableBottleneck:
+    """A trainable bottleneck adapter: its slot, AdapterHub options and parameters per
+    (block index, point)."""
     name: str
     slot: int
     options: dict  # AdapterHub's BnConfig fields

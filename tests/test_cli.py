@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -402,7 +403,18 @@ def test_demo_runs_every_section():
     rows = [line.split() for line in out.splitlines() if line[:7].strip().isdigit()][:8]
     assert [row[1] for row in rows] == ["support-bot", "None", "legal", "tenant-7"] * 2
     assert all(row[-1] == "yes" for row in rows)  # every request matches PEFT
-    assert "(1.00x base)" in out and "PEFT" in out
+    # The speed line: base, adaptfuse and PEFT timed side by side, each as a ratio to base.
+    speed = re.search(
+        r"one forward over the batch .*: base ([\d.]+) ms \(1\.00x base\), "
+        r"adaptfuse ([\d.]+) ms \(([\d.]+)x base\), PEFT ([\d.]+) ms \(([\d.]+)x base\)",
+        out,
+    )
+    assert speed is not None, out[-2000:]
+    base_ms, ours_ms, ours_ratio, peft_ms, peft_ratio = map(float, speed.groups())
+    assert base_ms > 0 and ours_ms > 0 and peft_ms > 0
+    for ratio, ms in ((ours_ratio, ours_ms), (peft_ratio, peft_ms)):
+        assert abs(ratio - ms / base_ms) <= 0.03 * ratio  # the printed ms are rounded to 0.1
+    assert re.search(r"merged [\d.]+ ms, base [\d.]+ ms \([\d.]+x base\)", out)
     assert "unmerge: 28 of 28 base weights bit-identical to before the merge: yes" in out
     assert "while merged, a request for the base model is refused" in out
     assert "A/B routing: Split({'support-bot': 0.9, 'legal': 0.1}" in out
