@@ -358,10 +358,16 @@ class TensorParallelManager(AdapterManager):
         adapter as a PEFT folder (a replicated bottleneck adapter as AdapterHub's)."""
         adapter = self._trainable_adapter(name)
         group = self._sharded_layers()[0].group
+        # Group rank 0 writes; every rank learns whether that worked (a bare barrier would
+        # leave the others waiting for a rank whose write raised).
+        writes = dist.get_rank(group) == 0
         if isinstance(adapter, TrainableBottleneck):
-            if dist.get_rank(group) == 0:
-                super().save_adapter(name, directory)
-            dist.barrier(group=group)
+            write_here = super().save_adapter
+            self._on_every_rank(
+                lambda: write_here(name, directory) if writes else None,
+                f"save_adapter({name!r})",
+                OSError,
+            )
             return
         whole = {}
         for layer_path, trainable in adapter.layers.items():
@@ -370,9 +376,15 @@ class TensorParallelManager(AdapterManager):
             if sharded is not None:
                 A, B = sharded.gather_whole(A, B)
             whole[layer_path] = dataclasses.replace(trainable, A=A, B=B.t())
-        if dist.get_rank(group) == 0:
-            save_peft_folder(dataclasses.replace(adapter, layers=whole), directory, False)
-        dist.barrier(group=group)
+        self._on_every_rank(
+            lambda: (
+                save_peft_folder(dataclasses.replace(adapter, layers=whole), directory, False)
+                if writes
+                else None
+            ),
+            f"save_adapter({name!r})",
+            OSError,
+        )
 
     def merge(self, spec, *, method: str = "linear", **options) -> None:
         if method != "linear":

@@ -172,7 +172,7 @@ class LoraLayer(nn.Module):
         banks; returns its parameters: views of the banks in PEFT's shapes."""
         num_slots, max_rank = self.lora_A.shape[:2]
         device = self.lora_A.device
-        if self.train_A is None:
+        if self.train_A is None or self.train_A.device != device:  # first, or model moved
             self.train_A = torch.zeros(num_slots, max_rank, self.in_features, device=device)
             self.train_B = torch.zeros(num_slots, max_rank, self.out_features, device=device)
             self.train_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
@@ -359,8 +359,8 @@ class BottleneckLayer(nn.Module):
         from adaptfuse.training import TrainableBottleneckPoint
 
         num_slots, max_dim = self.down.shape[:2]
-        if self.train_banks is None:
-            device = self.down.device
+        device = self.down.device
+        if self.train_banks is None or self.train_banks["down"].device != device:
             self.train_banks = dict(
                 down=torch.zeros(num_slots, max_dim, self.hidden, device=device),
                 up=torch.zeros(num_slots, max_dim, self.hidden, device=device),
@@ -396,7 +396,7 @@ class BottleneckLayer(nn.Module):
         """fp32 [T, H]: the trainable bottlenecks' part, differentiable in their parameters."""
         banks = self.train_banks
         parameters = []
-        for slot, point in self.trainable.items():
+        for slot, point in tuple(self.trainable.items()):  # attach/detach may run meanwhile
             parameters += [
                 (point.down, 0, slot, False),
                 (point.up, 1, slot, True),

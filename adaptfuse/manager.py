@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from adaptfuse import ops
 from adaptfuse.adapters import (
     BASE_NAME,
     KEY_PREFIX,
@@ -120,8 +119,11 @@ class AdapterManager:
         first = next(iter(self.layers.values())).lora_A
         if is_adapterhub_folder(path):
             if trainable:
+                self._check_bottleneck_name(name)
                 adapter = self._read_bottleneck(path, name, torch.float32)
                 options = read_adapterhub_options(path)
+                # The options as the reader validated them (scaling may be absent: 1.0).
+                options.update(non_linearity=adapter.activation, scaling=adapter.scaling)
                 weights = {
                     key: (w.down, w.down_bias, w.up.t(), w.up_bias)
                     for key, w in adapter.points.items()
@@ -397,25 +399,37 @@ class AdapterManager:
         self._clear_slot(slot)
         return slot
 
+    @contextlib.contextmanager
+    def _detached_on_failure(self, slot: int):
+        """A trainable adapter half attached to the layers (out of memory at a later layer...)
+        is taken out of every layer again before the error propagates."""
+        try:
+            yield
+        except BaseException:
+            for layer in [*self.layers.values(), *self.bottleneck_layers.values()]:
+                layer.detach_trainable(slot)
+            raise
+
     def _add_trainable(self, name, path, weights, r, lora_alpha, use_rslora, lora_dropout):
         with self._changed:
             slot = self._slot_for_trainable(name)
             layers = {}
-            for layer_path, layer in self.layers.items():
-                if layer_path not in weights:
-                    continue
-                A, B, scale = weights[layer_path]
-                device = layer.lora_A.device
-                rank = A.shape[0]
-                alpha = scale * (rank**0.5 if use_rslora else rank)
-                A_param, B_param = layer.attach_trainable(
-                    slot,
-                    A.to(device, torch.float32),
-                    B.to(device, torch.float32),
-                    scale,
-                    lora_dropout,
-                )
-                layers[layer_path] = TrainableLayer(A_param, B_param, alpha, scale)
+            with self._detached_on_failure(slot):
+                for layer_path, layer in self.layers.items():
+                    if layer_path not in weights:
+                        continue
+                    A, B, scale = weights[layer_path]
+                    device = layer.lora_A.device
+                    rank = A.shape[0]
+                    alpha = scale * (rank**0.5 if use_rslora else rank)
+                    A_param, B_param = layer.attach_trainable(
+                        slot,
+                        A.to(device, torch.float32),
+                        B.to(device, torch.float32),
+                        scale,
+                        lora_dropout,
+                    )
+                    layers[layer_path] = TrainableLayer(A_param, B_param, alpha, scale)
             self._trainable[name] = TrainableAdapter(
                 name, slot, r, lora_alpha, use_rslora, lora_dropout, layers
             )
@@ -443,7 +457,7 @@ class AdapterManager:
             config, reduction_factor, non_linearity, scaling, init_weights, leave_out
         )
         self._check_new_name(adapter_name)
-        ops.activation_code(options["non_linearity"])  # an unknown activation, named
+        self._check_bottleneck_name(adapter_name)
         if not self.bottleneck_layers:
             raise ValueError(
                 "patch() allocated no bottleneck slots; pass max_bottleneck_dim (e.g. 64) to "
@@ -454,7 +468,16 @@ class AdapterManager:
         unknown = sorted(set(options["leave_out"]) - set(blocks))
         if unknown:
             raise ValueError(f"leave_out={unknown}: the model has blocks {blocks[0]}..{blocks[-1]}")
-        weights = {}
+        missing = points - {point for _, point in self.bottleneck_layers}
+        if missing:
+            raise ValueError(
+                f"add_bottleneck_adapter({adapter_name!r}): config={config!r} acts at "
+                f"{sorted(points)}, but patch() allocated bottleneck slots only at "
+                f"{sorted({p for _, p in self.bottleneck_layers})} (see bottleneck_points)"
+            )
+        if not set(blocks) - set(options["leave_out"]):
+            raise ValueError(f"leave_out={options['leave_out']} leaves out every block")
+        dims = {}
         for (index, point), layer in sorted(self.bottleneck_layers.items()):
             if point not in points or index in options["leave_out"]:
                 continue
@@ -465,16 +488,23 @@ class AdapterManager:
                     f"reduction_factor={options['reduction_factor']} gives bottleneck dim {dim}, "
                     f"outside 1..max_bottleneck_dim={self.max_bottleneck_dim} given to patch()"
                 )
-            weights[(index, point)] = init_bottleneck(dim, layer.hidden, options["init_weights"])
-        missing = points - {point for _, point in self.bottleneck_layers}
-        if missing or not weights:
-            raise ValueError(
-                f"add_bottleneck_adapter({adapter_name!r}): config={config!r} acts at "
-                f"{sorted(points)}, but patch() allocated bottleneck slots only at "
-                f"{sorted({p for _, p in self.bottleneck_layers})} (see bottleneck_points)"
-            )
+            dims[(index, point)] = (dim, layer.hidden)
+        # Drawn only once everything is validated (a refusal leaves the generator as it was).
+        weights = {
+            key: init_bottleneck(dim, hidden, options["init_weights"])
+            for key, (dim, hidden) in dims.items()
+        }
         self._add_trainable_bottleneck(adapter_name, "<trainable>", options, weights)
         return adapter_name
+
+    @staticmethod
+    def _check_bottleneck_name(name: str) -> None:
+        # AdapterHub's keys hold the name between dots ("...adapters.<name>.adapter_up...").
+        if "." in name:
+            raise ValueError(
+                f"bottleneck adapter name {name!r} contains '.', which AdapterHub's tensor keys "
+                "cannot hold; choose another adapter_name"
+            )
 
     def _add_trainable_bottleneck(self, name, path, options, weights) -> None:
         """weights: (block index, point) -> (down [m, H], down_bias [m], up [H, m], up_bias
@@ -484,11 +514,12 @@ class AdapterManager:
             activation = options["non_linearity"].lower()
             scaling = float(options["scaling"])
             points = {}
-            for key, tensors in weights.items():
-                layer = self.bottleneck_layers[key]
-                device = layer.down.device
-                tensors = [t.to(device, torch.float32) for t in tensors]
-                points[key] = layer.attach_trainable(slot, *tensors, activation, scaling)
+            with self._detached_on_failure(slot):
+                for key, tensors in weights.items():
+                    layer = self.bottleneck_layers[key]
+                    device = layer.down.device
+                    tensors = [t.to(device, torch.float32) for t in tensors]
+                    points[key] = layer.attach_trainable(slot, *tensors, activation, scaling)
             self._trainable[name] = TrainableBottleneck(name, slot, options, points)
             self._registry[name] = BottleneckAdapter(
                 name=name, path=path, activation=activation, scaling=scaling, points={}

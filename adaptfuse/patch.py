@@ -166,6 +166,8 @@ def patch(
         raise ValueError(
             f"bottleneck_points must name some of {BOTTLENECK_POINTS}, got {bottleneck_points!r}"
         )
+    # Before anything changes: transformers' generate reads the wrapper's signature.
+    forward_signature = _signature_with_adapter_names(model.forward)
     names = _targets(model, target_modules)
     if not names:
         raise ValueError(f"no layer of the model matches target_modules={target_modules!r}")
@@ -269,7 +271,7 @@ def patch(
 
     # transformers' generate inspects forward's signature (position_ids, logits_to_keep,
     # attention_mask...): the wrapper shows the original's, plus adapter_names.
-    forward.__signature__ = _signature_with_adapter_names(original_forward)
+    forward.__signature__ = forward_signature
     model.forward = forward
 
     original_apply = model._apply

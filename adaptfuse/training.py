@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -22,6 +23,7 @@ from torch import nn
 from adaptfuse.adapters import (
     ADAPTERHUB_WEIGHTS_FILE,
     BASE_NAME,
+    BOTTLENECK_ACTIVATIONS,
     CONFIG_FILE,
     KEY_PREFIX,
     WEIGHTS_FILE,
@@ -117,7 +119,7 @@ def bank_views(banks: Sequence[torch.Tensor], parameters) -> tuple[torch.Tensor,
 def trainable_banks(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """A LoRA layer's fp32 banks A and B, differentiable in its trainable parameters."""
     parameters = []
-    for slot, (A, B, _) in layer.trainable.items():
+    for slot, (A, B, _) in tuple(layer.trainable.items()):  # attach/detach may run meanwhile
         parameters += [(A, 0, slot, False), (B, 1, slot, True)]
     return bank_views((layer.train_A, layer.train_B), parameters)
 
@@ -296,8 +298,17 @@ def bottleneck_options(
     factor = options["reduction_factor"]
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
         raise ValueError(f"reduction_factor must be a positive number, got {factor!r}")
-    if isinstance(options["scaling"], bool) or not isinstance(options["scaling"], (int, float)):
-        raise ValueError(f"scaling must be a number, got {options['scaling']!r}")
+    scaling = options["scaling"]
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise ValueError(f"scaling must be a number, got {scaling!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    activation = options["non_linearity"]
+    if not isinstance(activation, str) or activation.lower() not in BOTTLENECK_ACTIVATIONS:
+        raise ValueError(
+            f"non_linearity={activation!r}: expected one of {BOTTLENECK_ACTIVATIONS} "
+            "(AdapterHub's)"
+        )
     return options
 
 

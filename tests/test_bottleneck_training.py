@@ -294,6 +294,10 @@ def test_bottleneck_training_refusals_change_nothing(tmp_path):
         (lambda: manager.add_bottleneck_adapter("x", init_weights="lora"), "init_weights"),
         (lambda: manager.add_bottleneck_adapter("x", leave_out=[7]), "leave_out"),
         (lambda: manager.add_bottleneck_adapter("__base__"), "reserved"),
+        (lambda: manager.add_bottleneck_adapter("x", non_linearity="identity"), "'identity'"),
+        (lambda: manager.add_bottleneck_adapter("x", scaling=float("inf")), "finite"),
+        (lambda: manager.add_bottleneck_adapter("v1.2"), "contains '.'"),
+        (lambda: manager.add_bottleneck_adapter("x", leave_out=[0, 1]), "every block"),
     ]
     for call, message in bad_calls:
         before = state_bits(model, manager)
@@ -334,3 +338,40 @@ def test_leave_out_and_init_weights_follow_adapterhub():
     with torch.no_grad():
         base = model(input_ids, adapter_names=[None, None]).logits
     assert torch.equal(start[0], base[0])
+
+
+def test_a_trainable_add_failing_midway_leaves_no_layer_holding_it(monkeypatch, tmp_path):
+    """Out of memory (here: injected) at a later layer: the layers already holding the new
+    adapter let go of it, so nothing trainable is left behind in its slot."""
+    from adaptfuse.layers import BottleneckLayer, LoraLayer
+
+    model, manager, _ = patched(max_loras=2)
+    for kind, add in (
+        (BottleneckLayer, lambda: manager.add_bottleneck_adapter("t", reduction_factor=8)),
+        (LoraLayer, lambda: manager.add_adapter("t", r=2)),
+    ):
+        attached, real = [0], kind.attach_trainable
+
+        def failing(self, *args, real=real, attached=attached):
+            attached[0] += 1
+            if attached[0] == 2:
+                raise MemoryError("injected")
+            return real(self, *args)
+
+        monkeypatch.setattr(kind, "attach_trainable", failing)
+        with pytest.raises(MemoryError):
+            add()
+        monkeypatch.setattr(kind, "attach_trainable", real)
+        assert manager.trainable_adapters == [] and "t" not in manager.adapters
+        layers = [*manager.layers.values(), *manager.bottleneck_layers.values()]
+        assert not any(layer.trainable for layer in layers)
+    # The slot serves an adapter afterwards exactly as a fresh model would.
+    manager.add_bottleneck_adapter("ok", reduction_factor=8)
+    manager.save_adapter("ok", str(tmp_path / "ok"))
+    manager.load_adapter(str(tmp_path / "ok"), adapter_name="served")
+    ids = torch.randint(3, 90, (2, 5))
+    with torch.no_grad():
+        logits = model(ids, adapter_names=["served", "ok"]).logits
+        alone = model(ids[1:], adapter_names=["ok"]).logits
+    torch.testing.assert_close(logits[0], model(ids[:1], adapter_names=["ok"]).logits[0])
+    torch.testing.assert_close(logits[1], alone[0])
