@@ -369,7 +369,8 @@ def compare(model, samplers: dict, held_out: dict, budgets: dict, args, device: 
     groups, runs = [], []
     rows_of = {(task, seed): [] for task in samplers for seed in range(args.seeds)}
     for task, kind, lr, seed in adapters:
-        name = f"{task}:{kind}:lr{lr:g}:seed{seed}"
+        # No '.' in names: AdapterHub's tensor keys hold them between dots.
+        name = f"{task}:{kind}:lr{lr:g}:seed{seed}".replace(".", "p")
         # Every learning rate of a (task, kind, seed) starts from the same initial weights.
         task_index, kind_index = list(samplers).index(task), list(kinds).index(kind)
         torch.manual_seed(args.seed * 100_003 + (task_index * 101 + kind_index) * 1009 + seed)
