@@ -69,7 +69,8 @@ def test_hundred_adapters_in_eight_slots(base, tmp_path):
     rng = random.Random(1)
     names = list(paths)
     for step in range(12):
-        chosen = rng.sample(names[:30], rng.randint(1, 8))  # reuse some: hits and misses
+        # Odd steps draw from 30 adapters (hits and misses), even ones from all 100.
+        chosen = rng.sample(names[:30] if step % 2 else names, rng.randint(1, 8))
         rows = [rng.choice([*chosen, None]) for _ in range(7)]
         wanted = list(dict.fromkeys(n for n in rows if n is not None))
         order = list(eight._slot_of)
@@ -311,3 +312,32 @@ def test_patched_forward_shows_generate_the_original_signature(base):
     assert {"position_ids", "attention_mask", "logits_to_keep"} <= set(after.parameters)
     adaptfuse.unpatch(model)
     assert inspect.signature(model.forward) == before
+
+
+def test_merging_a_large_model_shows_progress(capsys):
+    """Models with 64 or more adapted layers show a progress bar while merging."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=10,  # 70 adapted layers
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    manager = adaptfuse.patch(model, max_loras=1, max_rank=2)
+    assert len(manager.layers) >= 64
+    manager.add_adapter("a", r=2)
+    with torch.no_grad():
+        for parameter in manager.parameters("a"):
+            parameter.normal_(0.0, 0.1)  # B starts at zero: make the delta non-zero
+    manager.freeze("a")
+    original = {n: bits(p) for n, p in model.named_parameters()}
+    manager.merge("a")
+    assert "merging" in capsys.readouterr().err
+    assert any(not torch.equal(bits(p), original[n]) for n, p in model.named_parameters())
+    manager.unmerge()
+    for name, p in model.named_parameters():
+        assert torch.equal(bits(p), original[name]), name
