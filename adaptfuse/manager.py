@@ -581,10 +581,7 @@ class AdapterManager:
                 return
             served = {}
             for path, layer in adapter.layers.items():
-                A = layer.A.detach().to("cpu", dtype).contiguous()
-                B = layer.B.detach().t().to("cpu", dtype).contiguous()
-                if self.device.type == "cuda":
-                    A, B = A.pin_memory(), B.pin_memory()
+                A, B = self._host_copy(layer.A, dtype), self._host_copy(layer.B.t(), dtype)
                 served[path] = LoraWeights(A=A, B=B, scale=layer.scale)
             for layer in self.layers.values():
                 layer.detach_trainable(adapter.slot)
@@ -592,17 +589,19 @@ class AdapterManager:
             self._registry[name] = LoraAdapter(name=name, path="<frozen>", layers=served)
             self._place(name, adapter.slot)
 
+    def _host_copy(self, parameter: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A frozen adapter's host copy of a trainable tensor, in the served dtype (pinned when
+        the slots are on a GPU, so that slot writes are real async copies)."""
+        copy = parameter.detach().to("cpu", dtype).contiguous()
+        return copy.pin_memory() if self.device.type == "cuda" else copy
+
     def _freeze_bottleneck(self, adapter: TrainableBottleneck, dtype: torch.dtype) -> None:
         served = {}
         for key, parameters in adapter.points.items():
-            down = parameters.down.detach().to("cpu", dtype).contiguous()
-            up = parameters.up.detach().t().to("cpu", dtype).contiguous()
-            if self.device.type == "cuda":
-                down, up = down.pin_memory(), up.pin_memory()
             served[key] = BottleneckWeights(
-                down=down,
+                down=self._host_copy(parameters.down, dtype),
                 down_bias=parameters.down_bias.detach().cpu().clone(),
-                up=up,
+                up=self._host_copy(parameters.up.t(), dtype),
                 up_bias=parameters.up_bias.detach().cpu().clone(),
             )
         for layer in self.bottleneck_layers.values():
