@@ -8,7 +8,7 @@ import torch
 
 from adaptfuse import _C, ops, routing  # _C registers torch.ops.adaptfuse.*
 from adaptfuse.adapters import AdapterError
-from adaptfuse.manager import AdapterManager
+from adaptfuse.manager import AdapterManager, StaticAssignment
 from adaptfuse.ops import MergeRecord
 from adaptfuse.patch import manager_of, patch, unpatch
 from adaptfuse.routing import Split
@@ -32,6 +32,7 @@ __all__ = [
     "AdapterManager",
     "MergeRecord",
     "Split",
+    "StaticAssignment",
     "__version__",
     "cuda_available",
     "cuda_built",

@@ -65,6 +65,9 @@ class AdapterManager:
         # Forwards in flight pin the adapters they use: a pinned adapter keeps its slot (no
         # eviction, no unload) until every forward using it has returned.
         self._pins: collections.Counter[str] = collections.Counter()
+        # Pins held by static assignments (CUDA-graph steps) rather than by forwards in flight:
+        # they last until the assignment changes, so unload refuses instead of waiting.
+        self._static_pins: collections.Counter[str] = collections.Counter()
         self._changed = threading.Condition(threading.Lock())
         # Forwards read the base weights that merge/unmerge rewrite: a merge waits for the
         # forwards in flight and holds new ones back until it is done (readers and a writer).
@@ -189,6 +192,11 @@ class AdapterManager:
             if self.merged is not None and name in self.merged:
                 raise ValueError(f"{name!r} is merged into the base weights; call unmerge() first")
             self._refuse_trainable(name, "unload")
+            if self._static_pins[name]:
+                raise ValueError(
+                    f"{name!r} is assigned to a static assignment (a CUDA-graph step); "
+                    "assign() it other adapters or close() it first"
+                )
             self._changed.wait_for(lambda: self._pins[name] == 0)
             slot = self._slot_of.pop(name, None)
             if slot is not None:
@@ -220,9 +228,16 @@ class AdapterManager:
                 layer.write_slot(slot, weights.A, weights.B, weights.scale)
         self._slot_of[name] = slot
 
-    def acquire(self, adapter_names: Sequence[Optional[str]]) -> tuple[list[int], list[str]]:
+    def acquire(
+        self,
+        adapter_names: Sequence[Optional[str]],
+        releasing: Sequence[str] = (),
+        static: bool = False,
+    ) -> tuple[list[int], list[str]]:
         """Slot id per sequence (-1: base model), bringing adapters into slots as needed, and
-        pinning them until release(). When every slot is pinned by other forwards, waits."""
+        pinning them until release(). When every slot is pinned by other forwards, waits.
+        static: pins of a StaticAssignment, which replaces its previous ones (`releasing`) in
+        the same step, so that its old adapters can make room for its new ones."""
         names = [None if n in (None, BASE_NAME) else n for n in adapter_names]
         for n in names:
             if n is not None and not isinstance(n, str):
@@ -253,15 +268,24 @@ class AdapterManager:
                 free = self.max_loras - len(self._slot_of)
                 return len(missing()) <= free + len(evictable())
 
-            self._changed.wait_for(placeable)
-            for n in missing():
-                if len(self._slot_of) < self.max_loras:
-                    self._place(n, self._free_slot())
-                else:
-                    self._place(n, self._slot_of.pop(evictable()[0]))  # least recently used
+            self._pins.subtract(releasing)
+            self._static_pins.subtract(releasing)
+            try:
+                self._changed.wait_for(placeable)
+                for n in missing():
+                    if len(self._slot_of) < self.max_loras:
+                        self._place(n, self._free_slot())
+                    else:
+                        self._place(n, self._slot_of.pop(evictable()[0]))  # least recently used
+            except BaseException:
+                self._pins.update(releasing)
+                self._static_pins.update(releasing)
+                raise
             for n in wanted:
                 self._slot_of.move_to_end(n)
                 self._pins[n] += 1
+                self._static_pins[n] += static
+            self._changed.notify_all()
             return [-1 if n is None else self._slot_of[n] for n in names], wanted
 
     def _refuse_unplaceable(self, wanted) -> None:
@@ -269,14 +293,18 @@ class AdapterManager:
         it does not name are not freed by forwards returning."""
         merged = self.merged or {}
         held = [
-            v for v in self._slot_of if v not in wanted and (v in self._trainable or v in merged)
+            v
+            for v in self._slot_of
+            if v not in wanted
+            and (v in self._trainable or v in merged or self._static_pins[v] > 0)
         ]
         usable = self.max_loras - len(held)
         if len(wanted) > usable:
             raise ValueError(
                 f"the batch names {len(wanted)} distinct adapters but only {usable} of the "
                 f"max_loras={self.max_loras} slots can hold them: {held} keep theirs (trainable "
-                "adapters until freeze(), a merged one until unmerge())"
+                "adapters until freeze(), a merged one until unmerge(), adapters of a static "
+                "assignment until it assigns others)"
             )
 
     def _evictable(self, wanted) -> list[str]:
@@ -299,12 +327,20 @@ class AdapterManager:
                 self._pins[n] -= 1
             self._changed.notify_all()
 
+    def static_assignment(self, batch: int, sequence: int = 1) -> "StaticAssignment":
+        """A fixed device buffer of token slot ids for a step captured into a CUDA graph:
+        pass the returned object as adapter_names to the forward you capture, and call its
+        assign(adapter_names) between replays to change each sequence's adapter."""
+        return StaticAssignment(self, batch, sequence)
+
     def plan_for(
         self, adapter_names: Sequence[Optional[str]], batch: int, sequence: int
     ) -> tuple[BatchPlans, list[str]]:
         """The plans of one forward over input_ids [batch, sequence] (token t of sequence b is
         token b * sequence + t; its slot id repeats adapter_names[b]) and the adapters it
         pinned (pass them to release())."""
+        if isinstance(adapter_names, StaticAssignment):
+            return adapter_names.plans_for(self, batch, sequence), []
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(
                 "adapter_names must be a list with one entry per sequence, "
@@ -727,3 +763,63 @@ class AdapterManager:
 
 
 __all__ = ["AdapterError", "AdapterManager"]
+
+
+class StaticAssignment:
+    """Each sequence's adapter for a step captured into a CUDA graph (DESIGN.md: loading,
+    unloading and swapping never invalidate a captured graph).
+
+    A graph replays the same device addresses, so the adapters cannot travel as a Python
+    list: this object owns one device buffer of token slot ids [batch * sequence] that the
+    captured forward reads (the plan is rebuilt from it on the device, inside the graph).
+    assign() brings the named adapters into slots, pins them (they keep their slots while
+    assigned) and writes their slot ids into the buffer, stream-ordered after the replays
+    already launched. Use it as ``model(ids, adapter_names=assignment, ...)``.
+    """
+
+    def __init__(self, manager: AdapterManager, batch: int, sequence: int = 1):
+        if batch < 1 or sequence < 1:
+            raise ValueError(f"static_assignment needs batch, sequence >= 1, got {batch}, {sequence}")
+        self.manager = manager
+        self.batch = batch
+        self.sequence = sequence
+        self.names: list[Optional[str]] = [None] * batch
+        self._pinned: list[str] = []
+        self.token_slots = torch.full(
+            (batch * sequence,), -1, dtype=torch.int32, device=manager.device
+        )
+
+    def assign(self, adapter_names: Sequence[Optional[str]]) -> None:
+        """Sets each sequence's adapter (None or "__base__": the base model). Outside capture
+        only; on a refusal the previous assignment stays in effect."""
+        if not isinstance(adapter_names, (list, tuple)) or len(adapter_names) != self.batch:
+            raise ValueError(
+                f"assign() needs a list of {self.batch} adapter names (the static batch), "
+                f"got {adapter_names!r}"
+            )
+        if self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("assign() changes what a captured graph reads: call it between replays")
+        slot_ids, self._pinned = self.manager.acquire(
+            adapter_names, releasing=self._pinned, static=True
+        )
+        self.names = list(adapter_names)
+        # Stream-ordered: replays launched before this read the previous ids.
+        host = torch.tensor(slot_ids, dtype=torch.int32).repeat_interleave(self.sequence)
+        self.token_slots.copy_(host)
+
+    def close(self) -> None:
+        """Every sequence back to the base model; the adapters' slots are free to reuse."""
+        self.assign([None] * self.batch)
+
+    def plans_for(self, manager: AdapterManager, batch: int, sequence: int) -> BatchPlans:
+        if manager is not self.manager:
+            raise ValueError("this static assignment belongs to another patched model")
+        if (batch, sequence) != (self.batch, self.sequence):
+            raise ValueError(
+                f"the static assignment is for inputs [{self.batch}, {self.sequence}] "
+                f"but the forward got [{batch}, {sequence}]"
+            )
+        return BatchPlans(self.token_slots, manager.max_loras)
+
+    def __repr__(self) -> str:
+        return f"StaticAssignment(batch={self.batch}, sequence={self.sequence}, names={self.names})"

@@ -256,7 +256,7 @@ def patch(
         if from_generate:
             adapter_names = _expand_for_generation(adapter_names, reference.shape[0])
         if manager.merged is not None:
-            manager.check_merged_names(adapter_names)
+            manager.check_merged_names(getattr(adapter_names, "names", adapter_names))
             return original_forward(*args, **kwargs)  # the merged weights, no LoRA kernels
         plans, pinned = manager.plan_for(adapter_names, reference.shape[0], reference.shape[1])
         token = current_plan.set(plans)

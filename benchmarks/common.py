@@ -56,6 +56,7 @@ def random_llama(
     dtype: torch.dtype = torch.float32,
     heads: int = 16,
     kv_heads: int = 8,
+    vocab: int = 32000,
 ):
     """The benchmarks' random-weight Llama (DESIGN.md's CPU shape family by default: 16
     heads, 8 KV heads, vocab 32000), seeded, built directly on `device` in `dtype` (an 8B
@@ -69,7 +70,7 @@ def random_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        vocab_size=32000,
+        vocab_size=vocab,
         pad_token_id=0,
     )
     previous = torch.get_default_dtype()

@@ -4,6 +4,9 @@
 #   build-test  build, then the whole test suite (CUDA tests run for real)
 #   sanitize    compute-sanitizer memcheck/racecheck/synccheck on a representative subset
 #   bench       op, kernel (BGMV) and merge (record, 8B swap vs PEFT) benchmarks on the device
+#   lease       everything a short lease allows in one call (< 9.5 min): the build; the CUDA
+#               tests, the primitives and compute-sanitizer memcheck side by side; then the
+#               8B model (eager and CUDA graphs), kernel, merge and op benchmarks on a quiet GPU
 # Results go to benchmarks/results/ (and to $OUT when the device tool sets it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,7 @@ echo "gpu-check stage=$STAGE gpu=$GPU arch=$ARCH python=$("$PY" --version 2>&1) 
 
 build() {
   local begin=$SECONDS
-  timeout 420 "$PY" setup.py -q build_ext --inplace > "$RESULTS/${STAMP}_build.log" 2>&1 || {
+  timeout 420 "$PY" setup.py build_ext --inplace > "$RESULTS/${STAMP}_build.log" 2>&1 || {
     tail -40 "$RESULTS/${STAMP}_build.log"; echo "gpu-check: build failed" >&2; exit 1; }
   "$PY" -c "import adaptfuse; assert adaptfuse.cuda_available(), 'CUDA build not usable'"
   echo "build: $((SECONDS - begin)) s"
@@ -89,6 +92,51 @@ case "$STAGE" in
     timeout 90 "$PY" benchmarks/bench_serving.py --device cuda --repeats 5 || status=1
     copy_out "$RESULTS"/*"${GPU}"*.json "$RESULTS"/*"${GPU}"*.png
     exit "$status"
+    ;;
+  lease)
+    begin=$SECONDS
+    [ -n "${OUT:-}" ] && mkdir -p "$OUT"
+    archive() {  # results so far, in one file ($OUT takes 8 files at most)
+      [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls | grep "$STAMP") 2>/dev/null
+    }
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    build
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$RESULTS/${STAMP}_gpu.txt"
+    # Correctness, side by side (none of it is timed).
+    { cmake -S cmake -B cmake-build-gpu -DCMAKE_CUDA_ARCHITECTURES="${ARCH/./}" >/dev/null &&
+      cmake --build cmake-build-gpu -j4 --target primitives_cuda_test >/dev/null &&
+      timeout 60 ./cmake-build-gpu/primitives_cuda_test; } > "$RESULTS/${STAMP}_primitives.txt" 2>&1 &
+    primitives=$!
+    SUBSET=(tests/test_ops.py::test_expand_several_output_slices tests/test_bgmv.py::test_request_bits_do_not_depend_on_the_batch
+            tests/test_sgmv.py::test_same_bits_twice tests/test_merge.py::test_strided_weight_and_record_on_host)
+    if command -v compute-sanitizer >/dev/null; then
+      timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -x -m cuda -p no:cacheprovider \
+        "${SUBSET[@]}" > "$RESULTS/${STAMP}_memcheck.txt" 2>&1 &
+      sanitizer=$!
+    fi
+    timeout 150 "$PY" -m pytest -v -m cuda -n 8 -p no:cacheprovider --durations=15 \
+      --junitxml="$RESULTS/${STAMP}_tests.xml" > "$RESULTS/${STAMP}_tests.txt" 2>&1
+    echo "cuda tests exit $?: $(tail -1 "$RESULTS/${STAMP}_tests.txt")"
+    grep -E "(FAILED|ERROR) " "$RESULTS/${STAMP}_tests.txt" | grep -v "^\[gw" | head -40
+    wait $primitives; echo "primitives exit $?: $(tail -2 "$RESULTS/${STAMP}_primitives.txt" | tr '\n' ' ')"
+    if [ -n "${sanitizer:-}" ]; then
+      wait $sanitizer; echo "memcheck exit $?: $(grep -E "ERROR SUMMARY|passed|failed" "$RESULTS/${STAMP}_memcheck.txt" | tail -2 | tr '\n' ' ')"
+    fi
+    archive; echo "correctness done at $((SECONDS - begin)) s"
+    # Benchmarks, one at a time; each skipped when the lease is nearly spent.
+    step() {
+      local limit=$1; shift
+      if [ $((SECONDS - begin + limit)) -gt "${LEASE_SECONDS:-540}" ]; then echo "skipped (lease): $*"; return; fi
+      echo "== $*"; timeout "$limit" "$PY" "$@" 2>&1 | grep -v -E "Warning|warnings.warn|forward_call|original_forward"
+      archive; echo "at $((SECONDS - begin)) s"
+    }
+    step 150 benchmarks/bench_model.py --preset llama-3-8b --device cuda --repeats 5
+    step 60 benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --quick
+    step 80 benchmarks/bench_merge.py --device cuda --dtype bfloat16 --part swap --preset 8b --repeats 5
+    step 40 benchmarks/bench_ops.py --device cuda --dtype bfloat16 --repeats 30
+    step 40 benchmarks/bench_serving.py --device cuda --repeats 5
+    archive
+    exit 0
     ;;
   *)
     echo "unknown STAGE '$STAGE' (build-test, sanitize, bench)" >&2; exit 2 ;;

@@ -197,6 +197,42 @@ def test_mixed_batch_matches_peft(arch, padding, workdir):
     assert torch.equal(ours[1], plain[1]) and torch.equal(ours[3], plain[3])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not adaptfuse.cuda_available(), reason="needs a GPU and the CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", list(ADAPTER_CONFIGS))
+def test_mixed_batch_matches_peft_on_cuda(arch, dtype, workdir):
+    """The CUDA kernels inside a whole model: a padded mixed batch against PEFT's mixed batch
+    on the same GPU in the same dtype, both measured against PEFT in float64 on the CPU."""
+    torch.manual_seed(0)
+    base = tiny_model(arch)
+    paths = save_adapters(base, arch, workdir)
+    names = list(paths)
+    adapter_names = [names[0], None, names[-1], "__base__", names[1 % len(names)], names[0]]
+    ids, mask = batch_with_padding(len(adapter_names), 9, "left")
+    peft_names = [n if n else "__base__" for n in adapter_names]
+    with torch.no_grad():
+        truth = peft_model_with(base, paths, torch.float64)(
+            ids, attention_mask=mask, adapter_names=peft_names
+        ).logits
+        theirs = peft_model_with(base, paths, dtype).cuda()(
+            ids.cuda(), attention_mask=mask.cuda(), adapter_names=peft_names
+        ).logits.cpu()
+    model = copy.deepcopy(base).to("cuda", dtype)
+    manager = adaptfuse.patch(model, max_loras=4, max_rank=16)
+    for name, path in paths.items():
+        manager.load_adapter(path, adapter_name=name)
+    with torch.no_grad():
+        ours = model(ids.cuda(), attention_mask=mask.cuda(), adapter_names=adapter_names).logits
+    valid = mask.bool()
+    peft_error = (theirs.double() - truth).abs()[valid].max().item()
+    our_error = (ours.cpu().double() - truth).abs()[valid].max().item()
+    ulps = 4 * torch.finfo(dtype).eps * truth.abs()[valid].max().item()
+    assert our_error <= 2 * peft_error + ulps, (
+        f"{arch} {dtype}: error {our_error:.3e} vs PEFT's {peft_error:.3e}"
+    )
+
+
 def test_decode_with_kv_cache_matches_peft(workdir):
     torch.manual_seed(0)
     base = tiny_model("llama")
