@@ -179,10 +179,10 @@ def run(args) -> dict:
         if args.graphs:
             assignment = manager.static_assignment(args.batch)
             assignment.assign(adapter_names)
-            models = {
+            models = {  # PEFT last: a failed capture may leave the stream unusable
                 "base": (base, {}),
-                "peft": (peft_model, {"adapter_names": adapter_names}),
                 "adaptfuse": (ours, {"adapter_names": assignment}),
+                "peft": (peft_model, {"adapter_names": adapter_names}),
             }
             replays = {}
             for name, (model, kwargs) in models.items():
