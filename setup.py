@@ -70,7 +70,9 @@ def sources(pattern):
 # contraction may differ between the two; it also keeps the CPU delta equal to the CUDA one.
 # -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
 cxx_flags = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing", "-fopenmp"]
-link_flags = ["-fopenmp"]
+# ADAPTFUSE_LDFLAGS: extra link flags (e.g. "-static-libstdc++ -Wl,--exclude-libs,ALL" for a
+# toolchain that would otherwise mix a static libstdc++ with the process's shared one).
+link_flags = ["-fopenmp"] + os.environ.get("ADAPTFUSE_LDFLAGS", "").split()
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 
