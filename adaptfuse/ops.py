@@ -447,6 +447,14 @@ def _activation_grad(codes: torch.Tensor, z: torch.Tensor, grad: torch.Tensor) -
     return result
 
 
+def _gradients_for_passed_arguments(ctx, grads: dict) -> tuple:
+    """One gradient per argument the op was called with. The dispatcher drops trailing
+    arguments equal to their defaults before autograd sees them (torch 2.11), while
+    setup_context gets them filled back in: count what the backward must answer from
+    needs_input_grad, which has one entry per passed argument in every version."""
+    return tuple(grads.get(i) for i in range(len(ctx.needs_input_grad)))
+
+
 def _register_autograd(library: str) -> None:
     # The backward uses the forward's batch_invariant (inputs carry it when the caller passed
     # it; the schema's default otherwise), and returns no gradient for it.
@@ -455,7 +463,6 @@ def _register_autograd(library: str) -> None:
         rest = list(rest) + [False, None, None][len(rest) :]
         ctx.batch_invariant, bias, activations = bool(rest[0]), rest[1], rest[2]
         ctx.has_bias = bias is not None
-        ctx.num_inputs = len(inputs)
         ctx.save_for_backward(
             x, A, ranks, scales, token_slots, token_order, slot_offsets, bias, activations
         )
@@ -497,19 +504,16 @@ def _register_autograd(library: str) -> None:
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_A = segment_outer(scaled, x, ranks, plan, library=library).to(A.dtype)
-        if ctx.has_bias and ctx.num_inputs > 8 and ctx.needs_input_grad[8]:
+        passed = len(ctx.needs_input_grad)  # see _gradients_for_passed_arguments
+        if ctx.has_bias and passed > 8 and ctx.needs_input_grad[8]:
             ones = scaled.new_ones(scaled.shape[0], 1)
             grad_bias = segment_outer(scaled, ones, ranks, plan, library=library)[:, :, 0]
-        grads = [grad_x, grad_A] + [None] * (ctx.num_inputs - 2)
-        if ctx.num_inputs > 8:
-            grads[8] = grad_bias
-        return tuple(grads)
+        return _gradients_for_passed_arguments(ctx, {0: grad_x, 1: grad_A, 8: grad_bias})
 
     def expand_setup(ctx, inputs, output):
         v, B, out_offsets, h_out, ranks, token_slots, token_order, slot_offsets, *rest = inputs
         ctx.batch_invariant = bool(rest[0]) if rest else False
         ctx.has_bias = len(rest) > 1 and rest[1] is not None
-        ctx.num_inputs = len(inputs)
         ctx.out_offsets = list(out_offsets)
         ctx.num_slices = len(B)
         ctx.save_for_backward(v, ranks, token_slots, token_order, slot_offsets, *B)
@@ -542,16 +546,14 @@ def _register_autograd(library: str) -> None:
                     segment_outer(v_slice, dy, slice_ranks, plan, library=library).to(slice_B.dtype)
                 )
             column += capacity
-        grads = [grad_v, grad_B if ctx.needs_input_grad[1] else None] + [None] * (
-            ctx.num_inputs - 2
-        )
-        if ctx.has_bias and ctx.needs_input_grad[9]:
+        grads = {0: grad_v, 1: grad_B if ctx.needs_input_grad[1] else None}
+        if ctx.has_bias and len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]:
             # Every token whose slot has a non-zero rank received its slot's bias.
             ones = grad_y.new_ones(grad_y.shape[0], 1)
             grads[9] = segment_outer(ones, grad_y, ranks.clamp(max=1), plan, library=library)[
                 :, 0, :
             ]
-        return tuple(grads)
+        return _gradients_for_passed_arguments(ctx, grads)
 
     torch.library.register_autograd(
         f"{library}::shrink", shrink_backward, setup_context=shrink_setup

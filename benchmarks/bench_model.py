@@ -101,6 +101,16 @@ def capture_step(step, warmups: int = 3) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def rewind_static_cache(cache, length: int) -> None:
+    """transformers >= 5.2x's StaticCache layers count the tokens written so far in a device
+    tensor (cumulative_length) and write there, whatever cache_position says: a replayed step
+    must set it back, or each replay writes one slot further (out of bounds after a few)."""
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)
+
+
 def graph_decode(model, config, ids, next_ids, **adapter_kwargs):
     """One decode step over a static KV cache holding the prompt, captured as a CUDA graph.
     Returns (replay, logits of the step) or raises what capture raised."""
@@ -114,6 +124,7 @@ def graph_decode(model, config, ids, next_ids, **adapter_kwargs):
     outputs = {}
 
     def step():
+        rewind_static_cache(cache, prompt)  # recorded too: every replay writes position `prompt`
         outputs["logits"] = model(
             next_ids, past_key_values=cache, cache_position=position, use_cache=True,
             **adapter_kwargs,

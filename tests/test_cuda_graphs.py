@@ -135,6 +135,11 @@ def test_captured_decode_step_follows_assignments_and_loads(served, tmp_path):
               adapter_names=[None] * 3)
 
         def step():
+            # StaticCache layers count the tokens written (a device tensor); every replay
+            # must write position 6 again.
+            for layer in getattr(static, "layers", ()):
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                    layer.cumulative_length.fill_(6)
             outputs["logits"] = model(
                 next_ids, past_key_values=static, cache_position=position,
                 adapter_names=assignment,

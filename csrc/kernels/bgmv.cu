@@ -26,6 +26,7 @@ constexpr int kBgmvRowsPerBlock = kBgmvShrinkWarps * kBgmvRowsPerWarp;
 // H_in elements per split: a fixed length, so the split count depends on H_in alone.
 constexpr int64_t kBgmvChunk = 1024;
 constexpr int kBgmvExpandThreads = 128;
+constexpr int kBgmvExpandPartials = 4;
 constexpr int64_t kBgmvExpandBlockOutputs = kBgmvExpandThreads * kGroupElements;
 constexpr int kBgmvStagedRanks = 512;  // v entries staged in shared memory at a time
 
@@ -174,13 +175,17 @@ __global__ void bgmv_expand_kernel(ExpandArgs args) {
   }
   // A thread at the aligned tail takes its outputs one by one.
   const bool whole_group = kAligned && outputs[kGroupElements - 1] < slice.h_out;
-  // A bottleneck's up-projection bias (one slice) starts the sums: no extra rounding of y.
-  float sums[kGroupElements] = {};
+  // kBgmvExpandPartials interleaved partial sums per output (rank row k feeds partial
+  // k % kBgmvExpandPartials within its stage), added pairwise at the end: a serial chain of
+  // rank 512 rounded ~2x worse than cuBLAS on an H200 (fp32, 2026-12-04); a quarter of the
+  // chain rounds like a blocked GEMM. The order is fixed by the rank alone (deterministic).
+  // A bottleneck's up-projection bias (one slice) starts partial 0: no extra rounding of y.
+  float partial[kBgmvExpandPartials][kGroupElements] = {};
   if (args.bias != nullptr) {
     const float* bias = args.bias + slot * args.bias_slot_stride;
     AF_UNROLL
     for (int j = 0; j < kGroupElements; ++j) {
-      if (outputs[j] < slice.h_out) sums[j] = bias[outputs[j]];
+      if (outputs[j] < slice.h_out) partial[0][j] = bias[outputs[j]];
     }
   }
   for (int64_t staged = 0; staged < rank; staged += kBgmvStagedRanks) {
@@ -188,7 +193,7 @@ __global__ void bgmv_expand_kernel(ExpandArgs args) {
     __syncthreads();  // the previous stage is consumed
     for (int64_t k = threadIdx.x; k < count; k += blockDim.x) v_staged[k] = v[staged + k];
     __syncthreads();
-    for (int64_t k = 0; k < count; ++k) {
+    auto accumulate = [&](float(&sums)[kGroupElements], int64_t k) {
       const float vk = v_staged[k];
       const BBits* row = b + (staged + k) * slice.rank_stride;
       if (whole_group) {
@@ -202,7 +207,24 @@ __global__ void bgmv_expand_kernel(ExpandArgs args) {
           if (outputs[j] < slice.h_out) sums[j] += vk * BFormat::to_float(row[outputs[j]]);
         }
       }
+    };
+    int64_t k = 0;
+    for (; k + kBgmvExpandPartials <= count; k += kBgmvExpandPartials) {
+      AF_UNROLL
+      for (int p = 0; p < kBgmvExpandPartials; ++p) accumulate(partial[p], k + p);
     }
+    for (; k < count; ++k) {  // compile-time indices only: the partials stay in registers
+      AF_UNROLL
+      for (int p = 0; p < kBgmvExpandPartials; ++p) {
+        if (k % kBgmvExpandPartials == p) accumulate(partial[p], k);
+      }
+    }
+  }
+  static_assert(kBgmvExpandPartials == 4, "the final sum below adds four partials pairwise");
+  float sums[kGroupElements];
+  AF_UNROLL
+  for (int j = 0; j < kGroupElements; ++j) {
+    sums[j] = (partial[0][j] + partial[1][j]) + (partial[2][j] + partial[3][j]);
   }
   if (whole_group) {
     YBits bits[kGroupElements];
