@@ -26,7 +26,7 @@ import contextlib
 import os
 
 import torch
-from common import copy_bandwidth, interleaved_medians, table, write_result
+from common import copy_bandwidth, graph_medians, interleaved_medians, table, write_result
 
 import adaptfuse
 from adaptfuse import ops
@@ -43,6 +43,11 @@ PREFILL_SEGMENTS = [1, 4, 16, 64]
 PREFILL_SKIPPED = "prefill section skipped: the SGMV kernels run on CUDA only (--device cpu)"
 
 
+# How candidates are timed: graph replays of back-to-back calls on CUDA (the kernels' own
+# time), or one call at a time with --per-call (what one eager call costs, host included).
+TIMER = [graph_medians]
+
+
 def slots_for(popularity: str, tokens: int, gen: torch.Generator) -> torch.Tensor:
     if popularity == "identical":
         return torch.zeros(tokens, dtype=torch.int32)
@@ -56,9 +61,7 @@ def empty_launch_us(device: str, repeats: int) -> float:
     if not device.startswith("cuda"):
         return 0.0
     tiny = torch.zeros(1, device=device)
-    return interleaved_medians({"empty": lambda: tiny.add_(0)}, repeats, device)["empty"][
-        "median_us"
-    ]
+    return TIMER[0]({"empty": lambda: tiny.add_(0)}, repeats, device)["empty"]["median_us"]
 
 
 def decode_case(h_in, h_out, rank, tokens, popularity, dtype, device, repeats, gen, families):
@@ -95,7 +98,7 @@ def decode_case(h_in, h_out, rank, tokens, popularity, dtype, device, repeats, g
     for family in families:
         candidates[family] = family_step(family, adaptfuse_step)
     candidates["gather_bmm"] = gather_bmm
-    timings = interleaved_medians(candidates, repeats, device)
+    timings = TIMER[0](candidates, repeats, device)
     return {
         "h_in": h_in,
         "h_out": h_out,
@@ -171,7 +174,7 @@ def prefill_case(h_in, h_out, rank, tokens, segments, dtype, device, repeats, ge
             grouped_status = "measured"
         except (RuntimeError, TypeError, NotImplementedError) as error:
             grouped_status = f"unavailable: {str(error).splitlines()[0]}"
-    timings = interleaved_medians(candidates, repeats, device)
+    timings = TIMER[0](candidates, repeats, device)
     return {
         "h_in": h_in,
         "h_out": h_out,
@@ -344,6 +347,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument(
+        "--per-call", action="store_true",
+        help="time one eager call at a time (host included) instead of CUDA-graph replays",
+    )
+    parser.add_argument(
         "--shapes",
         type=_shape,
         nargs="+",
@@ -360,7 +367,9 @@ def main(argv=None):
         raise SystemExit("bench_kernels: --device cuda needs a GPU and the CUDA build")
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     args.repeats = args.repeats or (25 if on_gpu else 7)
+    TIMER[0] = interleaved_medians if args.per_call else graph_medians
     result = run(args)
+    result["setup"]["timing"] = "per call" if args.per_call or not on_gpu else "CUDA-graph replays"
     path = write_result(f"kernels_{args.dtype}", args.device, result, args.out_dir)
     with contextlib.suppress(ImportError):
         plot(result["decode"], result["copy_bandwidth_bytes_per_s"], path.replace(".json", ".png"))

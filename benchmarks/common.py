@@ -129,6 +129,48 @@ def interleaved_medians(
     }
 
 
+def graph_medians(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str,
+    calls: int = 20,
+    warmup: int = 3,
+) -> dict[str, dict]:
+    """interleaved_medians of CUDA-graph replays of `calls` back-to-back calls each, reported
+    per call: launch gaps and host overhead stay out of kernel timings (METHOD.md). A
+    candidate whose capture fails is timed per call; each result says how ("timing")."""
+    if not device.startswith("cuda"):
+        timings = interleaved_medians(candidates, repeats, device, warmup)
+        for timing in timings.values():
+            timing["timing"] = "per call"
+        return timings
+    runnable, calls_per_sample, graphs = {}, {}, []
+    for name, fn in candidates.items():
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+            graphs.append(graph)
+            runnable[name], calls_per_sample[name] = graph.replay, calls
+        except Exception:  # noqa: BLE001 - e.g. a host sync inside: timed per call instead
+            torch.cuda.synchronize()
+            runnable[name], calls_per_sample[name] = fn, 1
+    timings = interleaved_medians(runnable, repeats, device, warmup=1)
+    for name, timing in timings.items():
+        count = calls_per_sample[name]
+        for key in ("median_us", "min_us", "max_us"):
+            timing[key] /= count
+        timing["timing"] = f"graph of {count} calls" if count > 1 else "per call"
+    return timings
+
+
 def write_result(kind: str, device: str, payload: dict, out_dir: str | None = None) -> str:
     """benchmarks/results/<date>_<device>_<kind>.json with setup, device and versions."""
     out_dir = out_dir or RESULTS_DIR
