@@ -779,7 +779,9 @@ class StaticAssignment:
 
     def __init__(self, manager: AdapterManager, batch: int, sequence: int = 1):
         if batch < 1 or sequence < 1:
-            raise ValueError(f"static_assignment needs batch, sequence >= 1, got {batch}, {sequence}")
+            raise ValueError(
+                f"static_assignment needs batch, sequence >= 1, got {batch}, {sequence}"
+            )
         self.manager = manager
         self.batch = batch
         self.sequence = sequence
@@ -798,7 +800,9 @@ class StaticAssignment:
                 f"got {adapter_names!r}"
             )
         if self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("assign() changes what a captured graph reads: call it between replays")
+            raise RuntimeError(
+                "assign() changes what a captured graph reads: call it between replays"
+            )
         slot_ids, self._pinned = self.manager.acquire(
             adapter_names, releasing=self._pinned, static=True
         )

@@ -78,7 +78,9 @@ def byte_bound(base, manager, adapter_names, rank: int) -> dict:
     element = next(base.parameters()).element_size()
     embedding = base.get_input_embeddings().weight
     weight_bytes = sum(p.numel() for p in base.parameters()) * element - embedding.numel() * element
-    per_adapter = sum(rank * (layer.in_features + layer.out_features) for layer in manager.layers.values())
+    per_adapter = sum(
+        rank * (layer.in_features + layer.out_features) for layer in manager.layers.values()
+    )
     adapter_bytes = len(set(adapter_names)) * per_adapter * element
     return {
         "weight_bytes": weight_bytes,
@@ -215,7 +217,8 @@ def run(args) -> dict:
                     replays, repeats=args.repeats * 5, device=args.device, warmup=3
                 )
         want = eager_logits["peft"]
-        checks["adaptfuse_vs_peft_rel"] = float((eager_logits["adaptfuse"] - want).norm() / want.norm())
+        error = (eager_logits["adaptfuse"] - want).norm() / want.norm()
+        checks["adaptfuse_vs_peft_rel"] = float(error)
     ratios = {
         phase: {
             name: t["median_us"] / timings["base"]["median_us"]
@@ -273,7 +276,8 @@ def main(argv=None):
     )
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--device", default="cpu")
-    for option in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "batch", "adapters"):
+    sizes = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "batch", "adapters")
+    for option in sizes:
         parser.add_argument(f"--{option.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt", type=int, default=64)

@@ -5,7 +5,7 @@ import sys
 import torch
 
 faulthandler.enable()
-import adaptfuse  # noqa: E402
+
 from adaptfuse import _C, ops  # noqa: E402
 
 family = sys.argv[1] if len(sys.argv) > 1 else "auto"

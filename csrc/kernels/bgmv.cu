@@ -193,7 +193,7 @@ __global__ void bgmv_expand_kernel(ExpandArgs args) {
     __syncthreads();  // the previous stage is consumed
     for (int64_t k = threadIdx.x; k < count; k += blockDim.x) v_staged[k] = v[staged + k];
     __syncthreads();
-    auto accumulate = [&](float(&sums)[kGroupElements], int64_t k) {
+    auto accumulate = [&](float (&sums)[kGroupElements], int64_t k) {
       const float vk = v_staged[k];
       const BBits* row = b + (staged + k) * slice.rank_stride;
       if (whole_group) {
