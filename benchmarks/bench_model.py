@@ -26,6 +26,7 @@ import torch
 from common import interleaved_medians, random_llama, table, write_result
 
 import adaptfuse
+from adaptfuse import graphs
 
 PRESETS = {
     "cpu": dict(
@@ -89,30 +90,6 @@ def byte_bound(base, manager, adapter_names, rank: int) -> dict:
     }
 
 
-def capture_step(step, warmups: int = 3) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of step() (warmed up on a side stream first, as capture requires)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmups):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
-def rewind_static_cache(cache, length: int) -> None:
-    """transformers >= 5.2x's StaticCache layers count the tokens written so far in a device
-    tensor (cumulative_length) and write there, whatever cache_position says: a replayed step
-    must set it back, or each replay writes one slot further (out of bounds after a few)."""
-    for layer in getattr(cache, "layers", ()):
-        counter = getattr(layer, "cumulative_length", None)
-        if isinstance(counter, torch.Tensor):
-            counter.fill_(length)
-
-
 def graph_decode(model, config, ids, next_ids, **adapter_kwargs):
     """One decode step over a static KV cache holding the prompt, captured as a CUDA graph.
     Returns (replay, logits of the step) or raises what capture raised."""
@@ -126,14 +103,13 @@ def graph_decode(model, config, ids, next_ids, **adapter_kwargs):
     outputs = {}
 
     def step():
-        rewind_static_cache(cache, prompt)  # recorded too: every replay writes position `prompt`
+        graphs.rewind_static_cache(cache, prompt)  # recorded: every replay writes `prompt`
         outputs["logits"] = model(
             next_ids, past_key_values=cache, cache_position=position, use_cache=True,
             **adapter_kwargs,
         ).logits
 
-    graph = capture_step(step)
-    return graph.replay, outputs
+    return graphs.capture(step).replay, outputs
 
 
 def run(args) -> dict:

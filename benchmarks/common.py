@@ -144,21 +144,13 @@ def graph_medians(
         for timing in timings.values():
             timing["timing"] = "per call"
         return timings
-    runnable, calls_per_sample, graphs = {}, {}, []
+    from adaptfuse import graphs
+
+    runnable, calls_per_sample = {}, {}
     for name, fn in candidates.items():
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    fn()
-            graphs.append(graph)
-            runnable[name], calls_per_sample[name] = graph.replay, calls
+            runnable[name] = graphs.capture(fn, warmup, calls).replay
+            calls_per_sample[name] = calls
         except Exception:  # noqa: BLE001 - e.g. a host sync inside: timed per call instead
             torch.cuda.synchronize()
             runnable[name], calls_per_sample[name] = fn, 1

@@ -14,6 +14,7 @@ from conftest import bits
 from test_patch import VOCAB, save_adapters, tiny_model
 
 import adaptfuse
+from adaptfuse import graphs
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +104,6 @@ def test_a_static_assignment_serves_only_its_own_model(served):
         model(torch.randint(3, VOCAB, (2, 1)), adapter_names=assignment)
 
 
-def capture(step):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not adaptfuse.cuda_available(), reason="needs a GPU and the CUDA build")
 def test_captured_decode_step_follows_assignments_and_loads(served, tmp_path):
@@ -135,17 +123,13 @@ def test_captured_decode_step_follows_assignments_and_loads(served, tmp_path):
               adapter_names=[None] * 3)
 
         def step():
-            # StaticCache layers count the tokens written (a device tensor); every replay
-            # must write position 6 again.
-            for layer in getattr(static, "layers", ()):
-                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                    layer.cumulative_length.fill_(6)
+            graphs.rewind_static_cache(static, 6)  # every replay writes position 6 again
             outputs["logits"] = model(
                 next_ids, past_key_values=static, cache_position=position,
                 adapter_names=assignment,
             ).logits
 
-        graph = capture(step)
+        graph = graphs.capture(step, warmups=2)
 
         def eager(names):
             cache = model(ids, adapter_names=[None] * 3, use_cache=True).past_key_values
