@@ -22,6 +22,12 @@ def cuda_built() -> bool:
     return bool(_C.cuda_built())
 
 
+def cpu_kernels() -> str:
+    """The vector kernels the CPU ops use on this machine: "avx512", "avx2" or "none"
+    (portable loops). ADAPTFUSE_CPU_SIMD=0 or =avx2, set before the first op, lowers it."""
+    return str(_C.cpu_kernels())
+
+
 def cuda_available() -> bool:
     """Whether CUDA kernels were built and a GPU is usable right now."""
     return cuda_built() and torch.cuda.is_available()
@@ -34,6 +40,7 @@ __all__ = [
     "Split",
     "StaticAssignment",
     "__version__",
+    "cpu_kernels",
     "cuda_available",
     "cuda_built",
     "manager_of",

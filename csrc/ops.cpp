@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "composite.h"
+#include "cpu/simd_lora.h"
 #include "op_schemas.h"
 #ifdef ADAPTFUSE_WITH_CUDA
 #include "kernel_family_python.h"
@@ -34,8 +35,13 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* cpu_kernels(PyObject*, PyObject*) {
+  return PyUnicode_FromString(adaptfuse::simd_level_name());
+}
+
 PyMethodDef module_methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"cpu_kernels", cpu_kernels, METH_NOARGS, "The CPU vector kernels in use."},
 #ifdef ADAPTFUSE_WITH_CUDA
     ADAPTFUSE_KERNEL_FAMILY_METHOD,
 #endif

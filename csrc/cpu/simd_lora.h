@@ -1,6 +1,6 @@
 // Vectorised CPU kernels for shrink and expand over a chunk of tokens that share one adapter.
-// Chosen at run time from the CPU's features (the build targets plain x86-64); callers fall
-// back to portable loops when shrink_rows_simd returns false.
+// Chosen at run time from the CPU's features, AVX-512 or AVX2 (the build targets plain
+// x86-64); callers fall back to portable loops when shrink_rows_simd returns false.
 #pragma once
 
 #include <stdint.h>
@@ -8,6 +8,13 @@
 #include "kernels/float_formats.cuh"
 
 namespace adaptfuse {
+
+enum class SimdLevel { kNone, kAvx2, kAvx512 };
+
+// The vector kernels this process uses (fixed at first use; ADAPTFUSE_CPU_SIMD=0 or =avx2
+// lowers it), and its name: "avx512", "avx2" or "none".
+SimdLevel simd_level();
+const char* simd_level_name();
 
 // Token rows per shrink call: their H_in block stays in L1 beside the adapter rows' block.
 constexpr int kSimdShrinkChunk = 8;

@@ -1,0 +1,254 @@
+// The vector shrink and expand kernels, written once over an instruction-set description
+// `Isa` and compiled once per instruction set (simd_lora_avx512.cpp, simd_lora_avx2.cpp).
+// The including file defines AF_SIMD_TARGET (the target attribute every function here
+// carries, so that the build itself can target plain x86-64) and an Isa providing:
+//   V, kLanes                         a vector of kLanes fp32 values
+//   kShrinkRows x kShrinkRanks        shrink's register tile (token rows x adapter rows)
+//   kExpandRows x kExpandVectors      expand's register tile (token rows x output vectors)
+//   zero, broadcast, fmadd, add, store, reduce (a fixed order: deterministic)
+//   load<DType>(base, i)              kLanes elements from base[i], widened to fp32
+//   load_partial<DType>(base, i, n)   the first n of them, zeros after
+//   load_partial_fp32 / store_partial_fp32 (float* with a count)
+//
+// Register tiles: the adapter rows a tile reads are packed (expand) or blocked (shrink) so
+// that they stay in L1 while every token tile of the chunk uses them: bank rows lie a power
+// of two apart (H * 4 bytes) and, read in place, would fall into the same L1 sets.
+// Include inside a namespace of its own; needs simd_lora.h and dispatch.h first.
+
+#ifndef AF_SIMD_TARGET
+#error "define AF_SIMD_TARGET and an Isa before including simd_lora_kernels.h"
+#endif
+
+constexpr int kSuperRanks = 16;          // adapter rows whose partial sums stay in registers/L1
+constexpr int64_t kBlockElements = 256;  // H_in elements per shrink block
+
+template <DType kDType>
+constexpr int64_t element_bytes() {
+  return kDType == DType::kFloat32 ? 4 : 2;
+}
+
+// Calls fn(std::integral_constant<int, n>) for the runtime n in [1, kMax].
+template <int kMax, class Fn>
+AF_SIMD_TARGET __attribute__((always_inline)) inline void with_count(int n, Fn&& fn) {
+  if constexpr (kMax > 1) {
+    if (n < kMax) return with_count<kMax - 1>(n, fn);
+  }
+  fn(std::integral_constant<int, kMax>{});
+}
+
+// Copies rows [0, rows) of columns [begin, end) of a bank (row stride row_bytes) into dst as
+// fp32, each row padded with zeros to dst_stride floats (a multiple of kLanes).
+template <DType kDType>
+AF_SIMD_TARGET void pack_rows(const char* first_row, int64_t row_bytes, int64_t rows, int64_t begin,
+                              int64_t end, float* dst, int64_t dst_stride) {
+  constexpr int kLanes = Isa::kLanes;
+  for (int64_t k = 0; k < rows; ++k) {
+    const char* row = first_row + k * row_bytes;
+    float* out = dst + k * dst_stride;
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes)
+      Isa::store(out + (i - begin), Isa::template load<kDType>(row, i));
+    if (i < end) {
+      Isa::store(out + (i - begin),
+                 Isa::template load_partial<kDType>(row, i, static_cast<int>(end - i)));
+    }
+  }
+}
+
+// Accumulates x_rows[r][i0:i1] * A[k][i0:i1] into partial[r][k] (kLanes lanes each); A[k]
+// starts at a_first + k * a_row_bytes.
+template <DType kX, DType kA, int kRows, int kRanks>
+AF_SIMD_TARGET void shrink_tile(const void* const* x_rows, const char* a_first, int64_t a_row_bytes,
+                                int64_t i0, int64_t i1, typename Isa::V (*partial)[kSuperRanks]) {
+  using V = typename Isa::V;
+  constexpr int kLanes = Isa::kLanes;
+  V acc[kRows][kRanks];
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < kRanks; ++k) acc[r][k] = partial[r][k];
+  int64_t i = i0;
+  for (; i + kLanes <= i1; i += kLanes) {
+    V a[kRanks];
+    for (int k = 0; k < kRanks; ++k) a[k] = Isa::template load<kA>(a_first + k * a_row_bytes, i);
+    for (int r = 0; r < kRows; ++r) {
+      const V x = Isa::template load<kX>(x_rows[r], i);
+      for (int k = 0; k < kRanks; ++k) acc[r][k] = Isa::fmadd(x, a[k], acc[r][k]);
+    }
+  }
+  if (i < i1) {
+    const int left = static_cast<int>(i1 - i);
+    V a[kRanks];
+    for (int k = 0; k < kRanks; ++k) {
+      a[k] = Isa::template load_partial<kA>(a_first + k * a_row_bytes, i, left);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const V x = Isa::template load_partial<kX>(x_rows[r], i, left);
+      for (int k = 0; k < kRanks; ++k) acc[r][k] = Isa::fmadd(x, a[k], acc[r][k]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < kRanks; ++k) partial[r][k] = acc[r][k];
+}
+
+// Rank rows go in groups of kSuperRanks and H_in in blocks of kBlockElements: the group's
+// block of adapter rows and the chunk's token rows stay close (L1/L2) while every tile of the
+// chunk uses them. Each lane sums along H_in in order, then the lanes reduce in a fixed order:
+// deterministic.
+template <DType kX, DType kA>
+AF_SIMD_TARGET void shrink_rows(const void* const* x_rows, int count, const void* a_slot,
+                                int64_t a_rank_stride, int64_t rank, int64_t h_in, float scale,
+                                float* const* v_rows) {
+  using V = typename Isa::V;
+  constexpr int kTileRows = Isa::kShrinkRows;
+  constexpr int kTileRanks = Isa::kShrinkRanks;
+  const int64_t a_row_bytes = a_rank_stride * element_bytes<kA>();
+  const char* a_bytes = static_cast<const char*>(a_slot);
+  V partial[kSimdShrinkChunk][kSuperRanks];
+  for (int64_t group = 0; group < rank; group += kSuperRanks) {
+    const int64_t group_ranks = rank - group < kSuperRanks ? rank - group : kSuperRanks;
+    for (int r = 0; r < count; ++r)
+      for (int k = 0; k < kSuperRanks; ++k) partial[r][k] = Isa::zero();
+    for (int64_t i0 = 0; i0 < h_in; i0 += kBlockElements) {
+      const int64_t i1 = i0 + kBlockElements < h_in ? i0 + kBlockElements : h_in;
+      for (int t = 0; t < count; t += kTileRows) {
+        const int rows = count - t < kTileRows ? count - t : kTileRows;
+        for (int64_t k = 0; k < group_ranks; k += kTileRanks) {
+          const char* a_first = a_bytes + (group + k) * a_row_bytes;
+          const int ranks =
+              static_cast<int>(group_ranks - k < kTileRanks ? group_ranks - k : kTileRanks);
+          auto* tile_partial = reinterpret_cast<V(*)[kSuperRanks]>(&partial[t][k]);
+          with_count<kTileRows>(rows, [&](auto tile_rows) AF_SIMD_TARGET {
+            with_count<kTileRanks>(ranks, [&](auto tile_ranks) AF_SIMD_TARGET {
+              shrink_tile<kX, kA, decltype(tile_rows)::value, decltype(tile_ranks)::value>(
+                  x_rows + t, a_first, a_row_bytes, i0, i1, tile_partial);
+            });
+          });
+        }
+      }
+    }
+    for (int r = 0; r < count; ++r)
+      for (int64_t k = 0; k < group_ranks; ++k)
+        v_rows[r][group + k] = scale * Isa::reduce(partial[r][k]);
+  }
+}
+
+// One block of up to kExpandVectors * kLanes outputs of kRows token rows: acc[r][j] covers
+// outputs o + kLanes * j, and starts from the slot's bias (a bottleneck adapter's) when
+// there is one.
+template <class YFormat, int kRows>
+AF_SIMD_TARGET void expand_block(void* const* y_rows, const float* const* v_rows,
+                                 const float* packed, int64_t packed_stride, int64_t rank,
+                                 int64_t o, int64_t width, const float* bias) {
+  using V = typename Isa::V;
+  constexpr int kLanes = Isa::kLanes;
+  constexpr int kVectors = Isa::kExpandVectors;
+  int lanes[kVectors];  // outputs of vector j inside the block (0: past the end)
+  for (int j = 0; j < kVectors; ++j) {
+    const int64_t left = width - kLanes * j;
+    lanes[j] = left >= kLanes ? kLanes : (left > 0 ? static_cast<int>(left) : 0);
+  }
+  V acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kVectors; ++j) {
+      acc[r][j] = bias ? Isa::load_partial_fp32(bias + o + kLanes * j, lanes[j]) : Isa::zero();
+    }
+  }
+  for (int64_t k = 0; k < rank; ++k) {
+    V b[kVectors];
+    // packed rows are padded with zeros to whole vectors: full loads stay inside them.
+    for (int j = 0; j < kVectors; ++j) {
+      b[j] = lanes[j] ? Isa::template load<DType::kFloat32>(packed + k * packed_stride, kLanes * j)
+                      : Isa::zero();
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const V vk = Isa::broadcast(v_rows[r][k]);
+      for (int j = 0; j < kVectors; ++j) acc[r][j] = Isa::fmadd(vk, b[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    if constexpr (YFormat::kDType == DType::kFloat32) {
+      float* y = static_cast<float*>(y_rows[r]) + o;
+      for (int j = 0; j < kVectors; ++j) {
+        if (lanes[j] == kLanes) {
+          Isa::store(y + kLanes * j,
+                     Isa::add(Isa::template load<DType::kFloat32>(y, kLanes * j), acc[r][j]));
+        } else if (lanes[j] > 0) {
+          const V current = Isa::load_partial_fp32(y + kLanes * j, lanes[j]);
+          Isa::store_partial_fp32(y + kLanes * j, Isa::add(current, acc[r][j]), lanes[j]);
+        }
+      }
+    } else {
+      // 16-bit y: round y + sum once, with the scalar routine the kernels share.
+      alignas(64) float sums[kLanes * kVectors];
+      for (int j = 0; j < kVectors; ++j) Isa::store(sums + kLanes * j, acc[r][j]);
+      auto* y = static_cast<typename YFormat::Bits*>(y_rows[r]) + o;
+      for (int64_t i = 0; i < width; ++i)
+        y[i] = YFormat::sum_rounded_once(YFormat::to_float(y[i]), sums[i]);
+    }
+  }
+}
+
+// The item's rows of B ([rank, o_end - o_begin]) are packed once, widened to fp32, for
+// every token of the chunk; then output blocks outer, token tiles inner.
+template <class YFormat, DType kB>
+AF_SIMD_TARGET void expand_rows(void* const* y_rows, const float* const* v_rows, int count,
+                                const void* b_slot, int64_t b_rank_stride, int64_t rank,
+                                int64_t o_begin, int64_t o_end, const float* bias) {
+  constexpr int kLanes = Isa::kLanes;
+  constexpr int kBlock = kLanes * Isa::kExpandVectors;
+  constexpr int kTileRows = Isa::kExpandRows;
+  const int64_t b_row_bytes = b_rank_stride * element_bytes<kB>();
+  const int64_t packed_stride = (o_end - o_begin + kLanes - 1) / kLanes * kLanes;
+  thread_local std::vector<float> packed;
+  packed.resize(static_cast<size_t>(rank * packed_stride));
+  pack_rows<kB>(static_cast<const char*>(b_slot), b_row_bytes, rank, o_begin, o_end, packed.data(),
+                packed_stride);
+  for (int64_t o = o_begin; o < o_end; o += kBlock) {
+    const int64_t width = o_end - o < kBlock ? o_end - o : kBlock;
+    const float* block = packed.data() + (o - o_begin);
+    for (int t = 0; t < count; t += kTileRows) {
+      with_count<kTileRows>(
+          count - t < kTileRows ? count - t : kTileRows, [&](auto rows) AF_SIMD_TARGET {
+            expand_block<YFormat, decltype(rows)::value>(y_rows + t, v_rows + t, block,
+                                                         packed_stride, rank, o, width, bias);
+          });
+    }
+  }
+}
+
+// The entry points simd_lora.cpp dispatches to, for the dtype pairs simd_lora.h lists.
+bool shrink_rows_any(DType x_dtype, DType a_dtype, const void* const* x_rows, int count,
+                     const void* a_slot, int64_t a_rank_stride, int64_t rank, int64_t h_in,
+                     float scale, float* const* v_rows) {
+  constexpr DType F32 = DType::kFloat32, F16 = DType::kFloat16, BF16 = DType::kBFloat16;
+#define AF_SHRINK_CASE(X, A)                                                            \
+  if (x_dtype == X && a_dtype == A) {                                                   \
+    shrink_rows<X, A>(x_rows, count, a_slot, a_rank_stride, rank, h_in, scale, v_rows); \
+    return true;                                                                        \
+  }
+  AF_SHRINK_CASE(F32, F32)
+  AF_SHRINK_CASE(BF16, BF16)
+  AF_SHRINK_CASE(F16, F16)
+  AF_SHRINK_CASE(BF16, F32)
+  AF_SHRINK_CASE(F16, F32)
+#undef AF_SHRINK_CASE
+  return false;
+}
+
+bool expand_rows_any(DType y_dtype, DType b_dtype, void* const* y_rows, const float* const* v_rows,
+                     int count, const void* b_slot, int64_t b_rank_stride, int64_t rank,
+                     int64_t o_begin, int64_t o_end, const float* bias) {
+  if (b_dtype != y_dtype && b_dtype != DType::kFloat32) return false;
+  AF_FORMAT_SWITCH(y_dtype, YFormat, {
+    if (b_dtype == DType::kFloat32) {
+      expand_rows<YFormat, DType::kFloat32>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
+                                            o_begin, o_end, bias);
+    } else if (b_dtype == DType::kFloat16) {
+      expand_rows<YFormat, DType::kFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
+                                            o_begin, o_end, bias);
+    } else {
+      expand_rows<YFormat, DType::kBFloat16>(y_rows, v_rows, count, b_slot, b_rank_stride, rank,
+                                             o_begin, o_end, bias);
+    }
+  });
+  return true;
+}
