@@ -162,6 +162,29 @@ def test_expand_several_output_slices(target, dtype):
     assert torch.equal(y[:, gap].cpu(), y_before[:, gap].cpu())
 
 
+@pytest.mark.parametrize("a_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shrink_segments_around_the_panel_threshold_on_cpu(dtype, a_dtype):
+    """The CPU vector path sends segments of 16+ tokens to the panel kernel (A packed once,
+    16 ranks per panel) and shorter ones to the dot-product kernel: segments of 15, 16, 17 and
+    29 tokens, interleaved with rows without a slot, ranks across panel edges (16, 20, 33, 3)."""
+    gen = torch.Generator().manual_seed(11)
+    sizes, ranks_list = [15, 16, 17, 29], [20, 16, 33, 3]
+    slots = torch.cat([torch.full((n,), s, dtype=torch.int32) for s, n in enumerate(sizes)])
+    slots = torch.cat([slots, torch.full((7,), -1, dtype=torch.int32)])
+    token_slots = slots[torch.randperm(slots.shape[0], generator=gen)]
+    x = torch.randn(token_slots.shape[0], 37, generator=gen).to(dtype)
+    A = (torch.randn(4, 40, 37, generator=gen) / 6).to(dtype if a_dtype == "same" else a_dtype)
+    ranks = torch.tensor(ranks_list, dtype=torch.int32)
+    scales = torch.tensor([0.5, 2.0, 1.0, 0.25])
+    v = ops.shrink(x, A, ranks, scales, ops.plan(token_slots, 4))
+    exact = reference.shrink(x, A, ranks, scales, token_slots)
+    plain = reference.shrink(x, A, ranks, scales, token_slots, torch.float32)
+    assert_within_torch_error(v, exact, plain, torch.float32, "shrink")
+    token_rank = torch.where(token_slots >= 0, ranks.long()[token_slots.clamp(min=0).long()], 0)
+    assert bool((v[torch.arange(40)[None, :] >= token_rank[:, None]] == 0).all())
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_mixed_input_and_adapter_dtypes(target):
     """Trainable adapters keep fp32 banks inside a bf16 model: x and A may differ in dtype."""

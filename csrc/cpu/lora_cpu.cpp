@@ -164,6 +164,59 @@ at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order
   return rows_of.index_select(0, *indices);
 }
 
+int64_t element_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// The vector path for long segments: each segment's adapter rows are packed into panels once
+// (shared by all of its tokens), then chunks of kSimdPanelChunk tokens run in parallel.
+void shrink_long_segments_with_panels(const ShrinkArgs& args, const std::vector<Segment>& segments,
+                                      const at::Tensor& token_order, const at::Tensor& v) {
+  if (segments.empty()) return;
+  const int64_t count = static_cast<int64_t>(segments.size());
+  std::vector<int64_t> panel_offsets(count + 1, 0);
+  for (int64_t i = 0; i < count; ++i) {
+    panel_offsets[i + 1] =
+        panel_offsets[i] + shrink_panel_floats(args.ranks[segments[i].slot], args.h_in);
+  }
+  std::vector<float> panels(static_cast<size_t>(panel_offsets[count]));
+  const int64_t a_element_bytes = element_bytes(args.a_dtype);
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slot = segments[i].slot;
+      const char* a_slot =
+          static_cast<const char*>(args.a) + slot * args.a_slot_stride * a_element_bytes;
+      pack_shrink_panels(args.a_dtype, a_slot, args.a_rank_stride, args.ranks[slot], args.h_in,
+                         panels.data() + panel_offsets[i]);
+    }
+  });
+  std::vector<std::pair<int64_t, Segment>> chunks;  // (segment index, its tokens)
+  for (int64_t i = 0; i < count; ++i) {
+    const Segment& segment = segments[i];
+    for (int64_t begin = segment.begin; begin < segment.end; begin += kSimdPanelChunk) {
+      chunks.push_back({i, {segment.slot, begin, std::min(begin + kSimdPanelChunk, segment.end)}});
+    }
+  }
+  const int32_t* order = token_order.data_ptr<int32_t>();
+  float* v_data = v.data_ptr<float>();
+  const int64_t x_row_bytes = args.x_row_stride * element_bytes(args.x_dtype);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    const void* x_rows[kSimdPanelChunk];
+    float* v_rows[kSimdPanelChunk];
+    for (int64_t c = begin; c < end; ++c) {
+      const auto& [segment_index, chunk] = chunks[c];
+      for (int64_t r = 0; r < chunk.size(); ++r) {
+        const int64_t t = order[chunk.begin + r];
+        x_rows[r] = static_cast<const char*>(args.x) + t * x_row_bytes;
+        v_rows[r] = v_data + t * v.stride(0);
+      }
+      const bool done =
+          shrink_rows_panel(args.x_dtype, x_rows, static_cast<int>(chunk.size()),
+                            panels.data() + panel_offsets[segment_index], args.ranks[chunk.slot],
+                            args.h_in, args.scales[chunk.slot], v_rows);
+      TORCH_INTERNAL_ASSERT(done, "adaptfuse.shrink: no panel kernel for this CPU");
+    }
+  });
+}
+
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ranks,
                       const at::Tensor& scales, const at::Tensor& token_slots,
                       const at::Tensor& token_order, const at::Tensor& slot_offsets,
@@ -180,29 +233,34 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   const float* slot_scales = args.scales;
   const std::vector<float> unit_scales(epilogue ? args.num_slots : 0, 1.0f);
   if (epilogue) args.scales = unit_scales.data();
-  // With a vector kernel, every segment goes through it: it matches the BLAS on these skinny
-  // products and parallelises over chunks without nesting BLAS threads.
+  // With a vector kernel, long segments take the panel kernel and short ones the dot-product
+  // kernel, both parallel over chunks (no nested BLAS threads); otherwise per-segment GEMMs.
   const bool vector_kernel = shrink_simd_available(args.x_dtype, args.a_dtype);
   const SegmentWork work =
-      vector_kernel ? split_segments(slot_offsets, args.ranks, INT64_MAX, kSimdShrinkChunk)
-                    : split_segments(slot_offsets, args.ranks, kGemmMinTokens, kTokensPerChunk);
-  for_each_long_segment(work, [&](const Segment& segment) {
-    bool consecutive;
-    int64_t first;
-    at::Tensor indices;
-    const at::Tensor xs =
-        as_float(segment_rows(x, token_order, segment, &consecutive, &first, &indices));
-    const int64_t rank = args.ranks[segment.slot];
-    const at::Tensor a_rows = as_float(a.select(0, segment.slot).narrow(0, 0, rank));
-    const float scale = args.scales[segment.slot];
-    if (consecutive) {
-      v.narrow(0, first, segment.size()).narrow(1, 0, rank).addmm_(xs, a_rows.t(), 0.0, scale);
-    } else {
-      at::Tensor product = at::mm(xs, a_rows.t());
-      product.mul_(scale);
-      v.narrow(1, 0, rank).index_copy_(0, indices, product);
-    }
-  });
+      vector_kernel
+          ? split_segments(slot_offsets, args.ranks, kShrinkPanelMinTokens, kSimdShrinkChunk)
+          : split_segments(slot_offsets, args.ranks, kGemmMinTokens, kTokensPerChunk);
+  if (vector_kernel) {
+    shrink_long_segments_with_panels(args, work.long_segments, token_order, v);
+  } else {
+    for_each_long_segment(work, [&](const Segment& segment) {
+      bool consecutive;
+      int64_t first;
+      at::Tensor indices;
+      const at::Tensor xs =
+          as_float(segment_rows(x, token_order, segment, &consecutive, &first, &indices));
+      const int64_t rank = args.ranks[segment.slot];
+      const at::Tensor a_rows = as_float(a.select(0, segment.slot).narrow(0, 0, rank));
+      const float scale = args.scales[segment.slot];
+      if (consecutive) {
+        v.narrow(0, first, segment.size()).narrow(1, 0, rank).addmm_(xs, a_rows.t(), 0.0, scale);
+      } else {
+        at::Tensor product = at::mm(xs, a_rows.t());
+        product.mul_(scale);
+        v.narrow(1, 0, rank).index_copy_(0, indices, product);
+      }
+    });
+  }
   const int32_t* order = token_order.data_ptr<int32_t>();
   float* v_data = v.data_ptr<float>();
   const int64_t v_row_stride = v.stride(0);

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu/simd_lora_isa.h"
+#include "kernels/dispatch.h"
 
 namespace adaptfuse {
 namespace {
@@ -71,6 +72,43 @@ bool shrink_rows_simd(DType x_dtype, DType a_dtype, const void* const* x_rows, i
     case SimdLevel::kAvx2:
       return avx2::shrink_rows_any(x_dtype, a_dtype, x_rows, count, a_slot, a_rank_stride, rank,
                                    h_in, scale, v_rows);
+#endif
+    default:
+      return false;
+  }
+}
+
+int64_t shrink_panel_floats(int64_t rank, int64_t h_in) {
+  return (rank + kShrinkPanelRanks - 1) / kShrinkPanelRanks * kShrinkPanelRanks * h_in;
+}
+
+void pack_shrink_panels(DType a_dtype, const void* a_slot, int64_t a_rank_stride, int64_t rank,
+                        int64_t h_in, float* panels) {
+  AF_FORMAT_SWITCH(a_dtype, AFormat, {
+    const auto* a = static_cast<const typename AFormat::Bits*>(a_slot);
+    for (int64_t group = 0; group < rank; group += kShrinkPanelRanks) {
+      float* panel = panels + group * h_in;
+      for (int64_t j = 0; j < kShrinkPanelRanks; ++j) {
+        const int64_t k = group + j;
+        const auto* row = a + k * a_rank_stride;
+        for (int64_t i = 0; i < h_in; ++i) {
+          panel[i * kShrinkPanelRanks + j] = k < rank ? AFormat::to_float(row[i]) : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+bool shrink_rows_panel(DType x_dtype, const void* const* x_rows, int count, const float* panels,
+                       int64_t rank, int64_t h_in, float scale, float* const* v_rows) {
+  if (count < 1 || count > kSimdPanelChunk) return false;
+  switch (simd_level()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case SimdLevel::kAvx512:
+      return avx512::shrink_panel_rows_any(x_dtype, x_rows, count, panels, rank, h_in, scale,
+                                           v_rows);
+    case SimdLevel::kAvx2:
+      return avx2::shrink_panel_rows_any(x_dtype, x_rows, count, panels, rank, h_in, scale, v_rows);
 #endif
     default:
       return false;

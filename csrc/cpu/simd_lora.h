@@ -19,6 +19,25 @@ const char* simd_level_name();
 // Token rows per shrink call: their H_in block stays in L1 beside the adapter rows' block.
 constexpr int kSimdShrinkChunk = 8;
 
+// Long segments (at least kShrinkPanelMinTokens tokens of one slot) take a GEMM-like kernel
+// instead: the slot's A rows are packed once per call into panels of kShrinkPanelRanks ranks
+// ([h_in][kShrinkPanelRanks] fp32 each, the last zero-padded), which tiles of tokens share.
+constexpr int kShrinkPanelRanks = 16;
+constexpr int kShrinkPanelMinTokens = 16;
+constexpr int kSimdPanelChunk = 24;  // token rows per shrink_rows_panel call
+
+// Floats that pack_shrink_panels writes for one slot.
+int64_t shrink_panel_floats(int64_t rank, int64_t h_in);
+
+// Packs A[k] (k < rank, starting at a_slot + k * a_rank_stride elements) into panels.
+void pack_shrink_panels(DType a_dtype, const void* a_slot, int64_t a_rank_stride, int64_t rank,
+                        int64_t h_in, float* panels);
+
+// v_rows[i][k] = scale * dot(x_rows[i], A[k]) for k < rank from packed panels, each sum along
+// H_in in order; count <= kSimdPanelChunk. Returns false when no vector kernel fits this CPU.
+bool shrink_rows_panel(DType x_dtype, const void* const* x_rows, int count, const float* panels,
+                       int64_t rank, int64_t h_in, float scale, float* const* v_rows);
+
 // v_rows[i][k] = scale * dot(x_rows[i], A[k]) for k < rank, where A[k] starts at
 // a_slot + k * a_rank_stride elements; count <= kSimdShrinkChunk. Each dot product is summed in
 // a fixed order (deterministic). Returns false when no vector kernel fits this CPU/dtypes.

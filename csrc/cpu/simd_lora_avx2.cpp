@@ -25,11 +25,13 @@ struct Isa {
   static constexpr int kLanes = 8;
   static constexpr int kShrinkRows = 2, kShrinkRanks = 4;    // 8 accumulators + 4 A vectors
   static constexpr int kExpandRows = 4, kExpandVectors = 2;  // 8 accumulators + 2 B vectors
+  static constexpr int kShrinkPanelRows = 6;  // 12 accumulators + 2 panel vectors + 1 token
 
   AF_SIMD_INLINE V zero() { return _mm256_setzero_ps(); }
   AF_SIMD_INLINE V broadcast(float value) { return _mm256_set1_ps(value); }
   AF_SIMD_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   AF_SIMD_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  AF_SIMD_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   AF_SIMD_INLINE void store(float* out, V value) { _mm256_storeu_ps(out, value); }
   // Lanes (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1: a fixed order.
   AF_SIMD_INLINE float reduce(V value) {

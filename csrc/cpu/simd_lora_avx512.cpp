@@ -22,6 +22,7 @@ struct Isa {
   static constexpr int kLanes = 16;
   static constexpr int kShrinkRows = 4, kShrinkRanks = 4;
   static constexpr int kExpandRows = 4, kExpandVectors = 4;
+  static constexpr int kShrinkPanelRows = 12;  // 12 accumulators + 1 panel vector + 1 token
 
   static __mmask16 first(int count) {
     return count >= 16 ? static_cast<__mmask16>(0xffff)
@@ -31,6 +32,7 @@ struct Isa {
   AF_SIMD_INLINE V broadcast(float value) { return _mm512_set1_ps(value); }
   AF_SIMD_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   AF_SIMD_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  AF_SIMD_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   AF_SIMD_INLINE void store(float* out, V value) { _mm512_storeu_ps(out, value); }
   AF_SIMD_INLINE float reduce(V value) { return _mm512_reduce_add_ps(value); }
   AF_SIMD_INLINE V widen16(__m256i raw, DType dtype) {

@@ -5,7 +5,8 @@
 //   V, kLanes                         a vector of kLanes fp32 values
 //   kShrinkRows x kShrinkRanks        shrink's register tile (token rows x adapter rows)
 //   kExpandRows x kExpandVectors      expand's register tile (token rows x output vectors)
-//   zero, broadcast, fmadd, add, store, reduce (a fixed order: deterministic)
+//   kShrinkPanelRows                  token rows per tile of the long-segment shrink
+//   zero, broadcast, fmadd, add, mul, store, reduce (a fixed order: deterministic)
 //   load<DType>(base, i)              kLanes elements from base[i], widened to fp32
 //   load_partial<DType>(base, i, n)   the first n of them, zeros after
 //   load_partial_fp32 / store_partial_fp32 (float* with a count)
@@ -131,6 +132,68 @@ AF_SIMD_TARGET void shrink_rows(const void* const* x_rows, int count, const void
   }
 }
 
+// Long segments: one tile of kRows token rows against one panel of A (kShrinkPanelRanks ranks,
+// packed [h_in][kShrinkPanelRanks], see pack_shrink_panels): each step of k broadcasts
+// x[t][k] and multiplies the panel's row k, so every output sums along H_in in order
+// (deterministic, and independent of which tokens share the tile).
+template <class XFormat, int kRows>
+AF_SIMD_TARGET void shrink_panel_tile(const void* const* x_rows, const float* panel, int64_t h_in,
+                                      int ranks, float scale, float* const* v_rows) {
+  using V = typename Isa::V;
+  constexpr int kLanes = Isa::kLanes;
+  constexpr int kVectors = kShrinkPanelRanks / kLanes;
+  static_assert(kVectors * kLanes == kShrinkPanelRanks, "a panel is whole vectors");
+  const typename XFormat::Bits* rows[kRows];
+  for (int r = 0; r < kRows; ++r) rows[r] = static_cast<const typename XFormat::Bits*>(x_rows[r]);
+  V acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kVectors; ++j) acc[r][j] = Isa::zero();
+  for (int64_t k = 0; k < h_in; ++k) {
+    V a[kVectors];
+    for (int j = 0; j < kVectors; ++j) {
+      a[j] = Isa::template load<DType::kFloat32>(panel, k * kShrinkPanelRanks + j * kLanes);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const V x = Isa::broadcast(XFormat::to_float(rows[r][k]));
+      for (int j = 0; j < kVectors; ++j) acc[r][j] = Isa::fmadd(x, a[j], acc[r][j]);
+    }
+  }
+  const V scales = Isa::broadcast(scale);
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kVectors; ++j) {
+      const int lanes = ranks - j * kLanes;
+      if (lanes <= 0) break;
+      const V scaled = Isa::mul(scales, acc[r][j]);
+      if (lanes >= kLanes) {
+        Isa::store(v_rows[r] + j * kLanes, scaled);
+      } else {
+        Isa::store_partial_fp32(v_rows[r] + j * kLanes, scaled, lanes);
+      }
+    }
+  }
+}
+
+template <class XFormat>
+AF_SIMD_TARGET void shrink_panel_rows(const void* const* x_rows, int count, const float* panels,
+                                      int64_t rank, int64_t h_in, float scale,
+                                      float* const* v_rows) {
+  constexpr int kTileRows = Isa::kShrinkPanelRows;
+  float* tile_v[kTileRows];
+  for (int64_t group = 0; group < rank; group += kShrinkPanelRanks) {
+    const int ranks =
+        static_cast<int>(rank - group < kShrinkPanelRanks ? rank - group : kShrinkPanelRanks);
+    const float* panel = panels + group * h_in;
+    for (int t = 0; t < count; t += kTileRows) {
+      const int rows = count - t < kTileRows ? count - t : kTileRows;
+      for (int r = 0; r < rows; ++r) tile_v[r] = v_rows[t + r] + group;
+      with_count<kTileRows>(rows, [&](auto tile_rows) AF_SIMD_TARGET {
+        shrink_panel_tile<XFormat, decltype(tile_rows)::value>(x_rows + t, panel, h_in, ranks,
+                                                               scale, tile_v);
+      });
+    }
+  }
+}
+
 // One block of up to kExpandVectors * kLanes outputs of kRows token rows: acc[r][j] covers
 // outputs o + kLanes * j, and starts from the slot's bias (a bottleneck adapter's) when
 // there is one.
@@ -232,6 +295,14 @@ bool shrink_rows_any(DType x_dtype, DType a_dtype, const void* const* x_rows, in
   AF_SHRINK_CASE(F16, F32)
 #undef AF_SHRINK_CASE
   return false;
+}
+
+bool shrink_panel_rows_any(DType x_dtype, const void* const* x_rows, int count, const float* panels,
+                           int64_t rank, int64_t h_in, float scale, float* const* v_rows) {
+  AF_FORMAT_SWITCH(x_dtype, XFormat, {
+    shrink_panel_rows<XFormat>(x_rows, count, panels, rank, h_in, scale, v_rows);
+  });
+  return true;
 }
 
 bool expand_rows_any(DType y_dtype, DType b_dtype, void* const* y_rows, const float* const* v_rows,
