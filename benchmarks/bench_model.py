@@ -12,6 +12,10 @@ Presets (DESIGN.md's targets):
   StaticAssignment): <= 1.10x (base step x (1 + adapter bytes / weight bytes)) and >= 5x
   faster than PEFT's mixed-adapter batch.
 
+Every ratio comes with a 95% bootstrap interval over the interleaved rounds: on a shared
+machine the median ratio moves by several percent from run to run, and the interval says how
+far this run's could be from the machine's steady figure.
+
     python benchmarks/bench_model.py [--preset cpu|llama-3-8b] [--device cpu|cuda]
 """
 
@@ -23,7 +27,7 @@ import tempfile
 import time
 
 import torch
-from common import interleaved_medians, random_llama, table, write_result
+from common import interleaved_medians, random_llama, ratio_interval, table, write_result
 
 import adaptfuse
 from adaptfuse import graphs
@@ -203,6 +207,14 @@ def run(args) -> dict:
         }
         for phase, timings in results.items()
     }
+    intervals = {
+        phase: {
+            name: ratio_interval(t["samples_us"], timings["base"]["samples_us"])
+            for name, t in timings.items()
+            if "base" in timings and "samples_us" in t
+        }
+        for phase, timings in results.items()
+    }
     bound = byte_bound(base, manager, adapter_names, args.rank)
     targets = dict(PRESETS[args.preset]["targets"])
     summary = {}
@@ -233,10 +245,12 @@ def run(args) -> dict:
             "sequences_per_adapter": args.batch // args.adapters,
             "device": args.device,
             "threads": torch.get_num_threads(),
+            "cpu_kernels": adaptfuse.cpu_kernels(),
             "graphs": bool(args.graphs),
         },
         "timings": results,
         "ratios_to_base": ratios,
+        "ratio_95_intervals": intervals,
         "byte_bound": bound,
         "load_ms_per_adapter": load_ms,
         "checks": checks,
@@ -276,15 +290,17 @@ def main(argv=None):
     rows = []
     for phase, timings in result["timings"].items():
         for name, t in timings.items():
+            low, high = result["ratio_95_intervals"][phase].get(name, (float("nan"),) * 2)
             rows.append(
                 (
                     phase,
                     name,
                     f"{t['median_us'] / 1e3:.2f}",
                     f"{result['ratios_to_base'][phase].get(name, float('nan')):.3f}",
+                    f"{low:.3f}-{high:.3f}",
                 )
             )
-    print(table(rows, ["phase", "candidate", "median ms", "x base"]))
+    print(table(rows, ["phase", "candidate", "median ms", "x base", "95% interval"]))
     print(f"targets: {result['targets']}  summary: {result['summary']}")
     print(f"checks: {result['checks']}  load {result['load_ms_per_adapter']:.1f} ms/adapter")
     for name, failure in result["capture_failures"].items():

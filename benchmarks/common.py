@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -39,6 +40,7 @@ def versions() -> dict:
         "torch_cuda": torch.version.cuda,
         "adaptfuse": adaptfuse.__version__,
         "adaptfuse_cuda_built": adaptfuse.cuda_built(),
+        "adaptfuse_cpu_kernels": adaptfuse.cpu_kernels(),
     }
     for name in ("transformers", "peft"):
         try:
@@ -94,16 +96,20 @@ def copy_bandwidth(device: str, repeats: int) -> float:
 def interleaved_medians(
     candidates: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 3
 ) -> dict[str, dict]:
-    """Runs the candidates round-robin (A B C A B C ...), so that drifts in clock speed or
-    load hit all of them alike, and reports median and spread in microseconds."""
+    """Runs the candidates round-robin, reversing the order every other round (A B C C B A
+    ...), so that drifts in clock speed or load, and whatever one candidate leaves in the
+    caches for the next, hit all of them alike; reports median, spread and the samples in
+    microseconds."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     sync()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    for round_index in range(repeats):
+        names = list(candidates) if round_index % 2 == 0 else list(candidates)[::-1]
+        for name in names:
+            fn = candidates[name]
             if device.startswith("cuda"):
                 start, end = (
                     torch.cuda.Event(enable_timing=True),
@@ -124,9 +130,29 @@ def interleaved_medians(
             "min_us": min(values),
             "max_us": max(values),
             "repeats": len(values),
+            "samples_us": values,
         }
         for name, values in samples.items()
     }
+
+
+def ratio_interval(
+    samples: Sequence[float], base_samples: Sequence[float], resamples: int = 2000
+) -> tuple[float, float]:
+    """95% bootstrap interval of median(samples) / median(base_samples), resampling the
+    interleaved rounds together (each round timed both). On a noisy machine a ratio of
+    medians moves by several percent between runs; this says by how much."""
+    rng = random.Random(0)
+    rounds = min(len(samples), len(base_samples))
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(rounds) for _ in range(rounds)]
+        ratios.append(
+            statistics.median(samples[i] for i in picks)
+            / statistics.median(base_samples[i] for i in picks)
+        )
+    ratios.sort()
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 def graph_medians(
