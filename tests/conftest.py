@@ -164,3 +164,19 @@ def check_shrink_expand(
     untouched = (token_slots < 0).cpu()
     assert_bit_identical(y.cpu()[untouched], y_before.cpu()[untouched], "slot -1 rows")
     return v, y
+
+
+def correctly_rounded(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> dtype rounded once. torch converts float64 to 16-bit formats through fp32
+    (rounding twice); rounding to fp32 *to odd* first keeps the second rounding correct."""
+    if dtype == torch.float32:
+        return exact.float()
+    nearest = exact.float()
+    inexact = nearest.double() != exact
+    toward_zero = torch.where(
+        nearest.double().abs() > exact.abs(),
+        torch.nextafter(nearest, torch.zeros_like(nearest)),
+        nearest,
+    )
+    odd = torch.where(inexact, toward_zero.view(torch.int32) | 1, toward_zero.view(torch.int32))
+    return odd.view(torch.float32).to(dtype)

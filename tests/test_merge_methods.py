@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TARGETS, assert_bit_identical, bits
+from conftest import TARGETS, assert_bit_identical, bits, correctly_rounded
 from test_merge import random_adapters
 from test_patch import VOCAB, save_adapters, tiny_model
 
@@ -18,22 +18,6 @@ from adaptfuse import ops, reference
 from adaptfuse.merge import MERGE_METHODS, MergeOptions, combine_deltas, full_delta
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def correctly_rounded(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 -> dtype rounded once. torch converts float64 to 16-bit formats through fp32
-    (rounding twice); rounding to fp32 *to odd* first keeps the second rounding correct."""
-    if dtype == torch.float32:
-        return exact.float()
-    nearest = exact.float()
-    inexact = nearest.double() != exact
-    toward_zero = torch.where(
-        nearest.double().abs() > exact.abs(),
-        torch.nextafter(nearest, torch.zeros_like(nearest)),
-        nearest,
-    )
-    odd = torch.where(inexact, toward_zero.view(torch.int32) | 1, toward_zero.view(torch.int32))
-    return odd.view(torch.float32).to(dtype)
 
 
 @pytest.mark.parametrize("target", TARGETS)

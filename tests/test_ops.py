@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import TARGETS, assert_within_torch_error, token_slots_for
+from conftest import TARGETS, assert_within_torch_error, correctly_rounded, token_slots_for
 from pairwise import case_id, pairwise_cases
 
 from adaptfuse import ops, reference
@@ -183,6 +183,26 @@ def test_shrink_segments_around_the_panel_threshold_on_cpu(dtype, a_dtype):
     assert_within_torch_error(v, exact, plain, torch.float32, "shrink")
     token_rank = torch.where(token_slots >= 0, ranks.long()[token_slots.clamp(min=0).long()], 0)
     assert bool((v[torch.arange(40)[None, :] >= token_rank[:, None]] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expand_rounds_16_bit_outputs_once_on_cpu(dtype):
+    """y + v @ B is rounded once into a 16-bit y, also where the fp32 sum is a tie that the
+    exact sum is not (1 + 2^-8 + 2^-30 in fp32 is 1 + 2^-8: halfway between two bf16 values),
+    on both CPU paths: a 20-token segment (B packed once) and a 3-token one."""
+    small = 2.0**-30 if dtype == torch.bfloat16 else 2.0**-36
+    half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    row = torch.tensor([half_ulp + small, -(half_ulp + small), half_ulp - small, half_ulp, 3.0])
+    B = row.repeat(1, 9)[:, :43].reshape(1, 1, 43).repeat(2, 1, 1).double()
+    token_slots = torch.tensor([0] * 20 + [1] * 3, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(3)
+    y = torch.where(torch.rand(23, 43, generator=gen) < 0.5, 1.0, -1.5).to(dtype)
+    v = torch.ones(23, 1)  # rank 1: the fp32 sum is B's value itself, exactly
+    exact = y.double() + B[token_slots.long(), 0]
+    ops.expand_(y, v, [B.float()], [0], torch.tensor([1, 1], dtype=torch.int32),
+                ops.plan(token_slots, 2))
+    expected = correctly_rounded(exact, dtype)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -115,6 +115,44 @@ bool shrink_rows_panel(DType x_dtype, const void* const* x_rows, int count, cons
   }
 }
 
+int64_t expand_packed_stride(int64_t h_out) {
+  // Whole 16-float vectors; a stride of a multiple of 4 KB would put every rank row of a
+  // column block into the same L1 sets, so such strides get one more vector.
+  const int64_t stride = (h_out + 15) / 16 * 16;
+  return stride % 1024 == 0 ? stride + 16 : stride;
+}
+
+void pack_expand_rows(DType b_dtype, const void* b_slot, int64_t b_rank_stride, int64_t rank,
+                      int64_t h_out, float* packed, int64_t packed_stride) {
+  AF_FORMAT_SWITCH(b_dtype, BFormat, {
+    const auto* b = static_cast<const typename BFormat::Bits*>(b_slot);
+    for (int64_t k = 0; k < rank; ++k) {
+      const auto* row = b + k * b_rank_stride;
+      float* out = packed + k * packed_stride;
+      for (int64_t o = 0; o < h_out; ++o) out[o] = BFormat::to_float(row[o]);
+      for (int64_t o = h_out; o < packed_stride; ++o) out[o] = 0.0f;
+    }
+  });
+}
+
+bool expand_packed_rows_simd(DType y_dtype, void* const* y_rows, const float* const* v_rows,
+                             int count, const float* packed_first, int64_t packed_stride,
+                             int64_t rank, int64_t o_begin, int64_t o_end, const float* bias) {
+  if (count < 1) return false;
+  switch (simd_level()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case SimdLevel::kAvx512:
+      return avx512::expand_packed_rows_any(y_dtype, y_rows, v_rows, count, packed_first,
+                                            packed_stride, rank, o_begin, o_end, bias);
+    case SimdLevel::kAvx2:
+      return avx2::expand_packed_rows_any(y_dtype, y_rows, v_rows, count, packed_first,
+                                          packed_stride, rank, o_begin, o_end, bias);
+#endif
+    default:
+      return false;
+  }
+}
+
 bool expand_rows_simd(DType y_dtype, DType b_dtype, void* const* y_rows, const float* const* v_rows,
                       int count, const void* b_slot, int64_t b_rank_stride, int64_t rank,
                       int64_t o_begin, int64_t o_end, const float* bias) {

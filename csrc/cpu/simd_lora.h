@@ -53,6 +53,17 @@ bool expand_rows_simd(DType y_dtype, DType b_dtype, void* const* y_rows, const f
                       int count, const void* b_slot, int64_t b_rank_stride, int64_t rank,
                       int64_t o_begin, int64_t o_end, const float* bias);
 
+// Long segments of expand: the slot's B rows packed once per call as fp32 ([rank][stride],
+// zero-padded; stride from expand_packed_stride, which keeps rows off the same L1 sets), then
+// expand_packed_rows_simd over chunks of the segment's tokens.
+int64_t expand_packed_stride(int64_t h_out);
+void pack_expand_rows(DType b_dtype, const void* b_slot, int64_t b_rank_stride, int64_t rank,
+                      int64_t h_out, float* packed, int64_t packed_stride);
+// As expand_rows_simd, with B already packed (packed_first: column o_begin of rank row 0).
+bool expand_packed_rows_simd(DType y_dtype, void* const* y_rows, const float* const* v_rows,
+                             int count, const float* packed_first, int64_t packed_stride,
+                             int64_t rank, int64_t o_begin, int64_t o_end, const float* bias);
+
 // Whether expand_rows_simd has a kernel for this CPU and these dtypes.
 bool expand_simd_available(DType y_dtype, DType b_dtype);
 

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/rounded_sums.h"
 #include "cpu/simd_lora.h"
 #include "cpu/simd_lora_isa.h"
 #include "kernels/dispatch.h"

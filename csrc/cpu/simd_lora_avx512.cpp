@@ -4,9 +4,11 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/rounded_sums.h"
 #include "cpu/simd_lora.h"
 #include "cpu/simd_lora_isa.h"
 #include "kernels/dispatch.h"

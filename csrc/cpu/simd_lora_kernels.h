@@ -14,7 +14,8 @@
 // Register tiles: the adapter rows a tile reads are packed (expand) or blocked (shrink) so
 // that they stay in L1 while every token tile of the chunk uses them: bank rows lie a power
 // of two apart (H * 4 bytes) and, read in place, would fall into the same L1 sets.
-// Include inside a namespace of its own; needs simd_lora.h and dispatch.h first.
+// Include inside a namespace of its own; needs simd_lora.h, rounded_sums.h, dispatch.h and
+// <cstring> first.
 
 #ifndef AF_SIMD_TARGET
 #error "define AF_SIMD_TARGET and an Isa before including simd_lora_kernels.h"
@@ -240,34 +241,31 @@ AF_SIMD_TARGET void expand_block(void* const* y_rows, const float* const* v_rows
         }
       }
     } else {
-      // 16-bit y: round y + sum once, with the scalar routine the kernels share.
+      // 16-bit y: round y + sum once (rounded_sums: the same bits as sum_rounded_once).
       alignas(64) float sums[kLanes * kVectors];
       for (int j = 0; j < kVectors; ++j) Isa::store(sums + kLanes * j, acc[r][j]);
       auto* y = static_cast<typename YFormat::Bits*>(y_rows[r]) + o;
-      for (int64_t i = 0; i < width; ++i)
-        y[i] = YFormat::sum_rounded_once(YFormat::to_float(y[i]), sums[i]);
+      typename YFormat::Bits before[kLanes * kVectors];
+      uint8_t flags[kLanes * kVectors];
+      std::memcpy(before, y, width * sizeof(before[0]));
+      rounded_sums<YFormat>(before, 1, sums, 1.0f, width, y, flags);
     }
   }
 }
 
-// The item's rows of B ([rank, o_end - o_begin]) are packed once, widened to fp32, for
-// every token of the chunk; then output blocks outer, token tiles inner.
-template <class YFormat, DType kB>
-AF_SIMD_TARGET void expand_rows(void* const* y_rows, const float* const* v_rows, int count,
-                                const void* b_slot, int64_t b_rank_stride, int64_t rank,
-                                int64_t o_begin, int64_t o_end, const float* bias) {
-  constexpr int kLanes = Isa::kLanes;
-  constexpr int kBlock = kLanes * Isa::kExpandVectors;
+// Outputs [o_begin, o_end) of count token rows from B rows already packed as fp32: column o
+// of rank row k at packed_first[k * packed_stride + (o - o_begin)], each row zero-padded to
+// whole vectors. Output blocks outer, token tiles inner.
+template <class YFormat>
+AF_SIMD_TARGET void expand_packed_rows(void* const* y_rows, const float* const* v_rows, int count,
+                                       const float* packed_first, int64_t packed_stride,
+                                       int64_t rank, int64_t o_begin, int64_t o_end,
+                                       const float* bias) {
+  constexpr int kBlock = Isa::kLanes * Isa::kExpandVectors;
   constexpr int kTileRows = Isa::kExpandRows;
-  const int64_t b_row_bytes = b_rank_stride * element_bytes<kB>();
-  const int64_t packed_stride = (o_end - o_begin + kLanes - 1) / kLanes * kLanes;
-  thread_local std::vector<float> packed;
-  packed.resize(static_cast<size_t>(rank * packed_stride));
-  pack_rows<kB>(static_cast<const char*>(b_slot), b_row_bytes, rank, o_begin, o_end, packed.data(),
-                packed_stride);
   for (int64_t o = o_begin; o < o_end; o += kBlock) {
     const int64_t width = o_end - o < kBlock ? o_end - o : kBlock;
-    const float* block = packed.data() + (o - o_begin);
+    const float* block = packed_first + (o - o_begin);
     for (int t = 0; t < count; t += kTileRows) {
       with_count<kTileRows>(
           count - t < kTileRows ? count - t : kTileRows, [&](auto rows) AF_SIMD_TARGET {
@@ -276,6 +274,23 @@ AF_SIMD_TARGET void expand_rows(void* const* y_rows, const float* const* v_rows,
           });
     }
   }
+}
+
+// Short segments: the item's rows of B ([rank, o_end - o_begin]) are packed here, widened to
+// fp32, for every token of the chunk.
+template <class YFormat, DType kB>
+AF_SIMD_TARGET void expand_rows(void* const* y_rows, const float* const* v_rows, int count,
+                                const void* b_slot, int64_t b_rank_stride, int64_t rank,
+                                int64_t o_begin, int64_t o_end, const float* bias) {
+  constexpr int kLanes = Isa::kLanes;
+  const int64_t b_row_bytes = b_rank_stride * element_bytes<kB>();
+  const int64_t packed_stride = (o_end - o_begin + kLanes - 1) / kLanes * kLanes;
+  thread_local std::vector<float> packed;
+  packed.resize(static_cast<size_t>(rank * packed_stride));
+  pack_rows<kB>(static_cast<const char*>(b_slot), b_row_bytes, rank, o_begin, o_end, packed.data(),
+                packed_stride);
+  expand_packed_rows<YFormat>(y_rows, v_rows, count, packed.data(), packed_stride, rank, o_begin,
+                              o_end, bias);
 }
 
 // The entry points simd_lora.cpp dispatches to, for the dtype pairs simd_lora.h lists.
@@ -301,6 +316,16 @@ bool shrink_panel_rows_any(DType x_dtype, const void* const* x_rows, int count, 
                            int64_t rank, int64_t h_in, float scale, float* const* v_rows) {
   AF_FORMAT_SWITCH(x_dtype, XFormat, {
     shrink_panel_rows<XFormat>(x_rows, count, panels, rank, h_in, scale, v_rows);
+  });
+  return true;
+}
+
+bool expand_packed_rows_any(DType y_dtype, void* const* y_rows, const float* const* v_rows,
+                            int count, const float* packed_first, int64_t packed_stride,
+                            int64_t rank, int64_t o_begin, int64_t o_end, const float* bias) {
+  AF_FORMAT_SWITCH(y_dtype, YFormat, {
+    expand_packed_rows<YFormat>(y_rows, v_rows, count, packed_first, packed_stride, rank, o_begin,
+                                o_end, bias);
   });
   return true;
 }
