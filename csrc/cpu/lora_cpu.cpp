@@ -344,6 +344,19 @@ void expand_chunk(const ExpandArgs& args, const ExpandSlice& slice, const int32_
   add_rows_into_y<YFormat>(args, slice, tokens, count, sums.data(), slice.h_out);
 }
 
+// The y rows (at the slice's first output) and v rows (at the slice's first column) of a
+// chunk's tokens, for the vector expand kernels.
+void chunk_rows(const ExpandArgs& args, const ExpandSlice& slice, const int32_t* order,
+                const Segment& chunk, void** y_rows, const float** v_rows) {
+  const int64_t y_element_bytes = element_bytes(args.y_dtype);
+  for (int64_t r = 0; r < chunk.size(); ++r) {
+    const int64_t t = order[chunk.begin + r];
+    y_rows[r] =
+        static_cast<char*>(args.y) + (t * args.y_row_stride + slice.out_offset) * y_element_bytes;
+    v_rows[r] = args.v + t * args.v_row_stride + slice.v_column;
+  }
+}
+
 // The vector path for short segments: work items of (chunk of one slot's tokens, slice,
 // range of outputs), so that decode batches of a few tokens still spread over every thread.
 // (Long segments stay on the GEMM path: measured faster there on AVX-512 machines.)
@@ -363,20 +376,14 @@ void expand_vectorized(const ExpandArgs& args, const std::vector<Segment>& chunk
     }
   }
   const int32_t* order = token_order.data_ptr<int32_t>();
-  const int64_t y_element_bytes = args.y_dtype == DType::kFloat32 ? 4 : 2;
-  const int64_t b_element_bytes = args.b_dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t b_element_bytes = element_bytes(args.b_dtype);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     void* y_rows[kSimdExpandChunk];
     const float* v_rows[kSimdExpandChunk];
     for (int64_t n = begin; n < end; ++n) {
       const Item& item = items[n];
       const ExpandSlice& slice = args.slices[item.slice];
-      for (int64_t r = 0; r < item.chunk.size(); ++r) {
-        const int64_t t = order[item.chunk.begin + r];
-        y_rows[r] = static_cast<char*>(args.y) +
-                    (t * args.y_row_stride + slice.out_offset) * y_element_bytes;
-        v_rows[r] = args.v + t * args.v_row_stride + slice.v_column;
-      }
+      chunk_rows(args, slice, order, item.chunk, y_rows, v_rows);
       const void* b_slot =
           static_cast<const char*>(slice.b) + item.chunk.slot * slice.slot_stride * b_element_bytes;
       const float* bias = args.bias ? args.bias + item.chunk.slot * args.bias_slot_stride : nullptr;
@@ -434,7 +441,6 @@ void expand_long_segments_packed(const ExpandArgs& args, const std::vector<Segme
     }
   }
   const int32_t* order = token_order.data_ptr<int32_t>();
-  const int64_t y_element_bytes = element_bytes(args.y_dtype);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     void* y_rows[kSimdExpandChunk];
     const float* v_rows[kSimdExpandChunk];
@@ -442,12 +448,7 @@ void expand_long_segments_packed(const ExpandArgs& args, const std::vector<Segme
       const Item& item = items[n];
       const Packed& pack = packs[item.pack];
       const ExpandSlice& slice = args.slices[pack.slice];
-      for (int64_t r = 0; r < item.chunk.size(); ++r) {
-        const int64_t t = order[item.chunk.begin + r];
-        y_rows[r] = static_cast<char*>(args.y) +
-                    (t * args.y_row_stride + slice.out_offset) * y_element_bytes;
-        v_rows[r] = args.v + t * args.v_row_stride + slice.v_column;
-      }
+      chunk_rows(args, slice, order, item.chunk, y_rows, v_rows);
       const float* bias = args.bias ? args.bias + item.chunk.slot * args.bias_slot_stride : nullptr;
       const bool done =
           expand_packed_rows_simd(args.y_dtype, y_rows, v_rows, static_cast<int>(item.chunk.size()),
