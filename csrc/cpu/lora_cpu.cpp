@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "arguments.h"
@@ -169,8 +168,6 @@ at::Tensor segment_rows(const at::Tensor& rows_of, const at::Tensor& token_order
   *indices = token_order.narrow(0, segment.begin, segment.size()).to(at::kLong);
   return rows_of.index_select(0, *indices);
 }
-
-int64_t element_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 // The vector path for long segments: each segment's adapter rows are packed into panels once
 // (shared by all of its tokens), then chunks of kSimdPanelChunk tokens run in parallel.

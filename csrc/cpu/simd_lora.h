@@ -11,6 +11,9 @@ namespace adaptfuse {
 
 enum class SimdLevel { kNone, kAvx2, kAvx512 };
 
+// Bytes of one element of a storage dtype.
+constexpr int64_t element_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
 // The vector kernels this process uses (fixed at first use; ADAPTFUSE_CPU_SIMD=0 or =avx2
 // lowers it), and its name: "avx512", "avx2" or "none".
 SimdLevel simd_level();

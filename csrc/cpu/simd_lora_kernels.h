@@ -24,11 +24,6 @@
 constexpr int kSuperRanks = 16;          // adapter rows whose partial sums stay in registers/L1
 constexpr int64_t kBlockElements = 256;  // H_in elements per shrink block
 
-template <DType kDType>
-constexpr int64_t element_bytes() {
-  return kDType == DType::kFloat32 ? 4 : 2;
-}
-
 // Calls fn(std::integral_constant<int, n>) for the runtime n in [1, kMax].
 template <int kMax, class Fn>
 AF_SIMD_TARGET __attribute__((always_inline)) inline void with_count(int n, Fn&& fn) {
@@ -102,7 +97,7 @@ AF_SIMD_TARGET void shrink_rows(const void* const* x_rows, int count, const void
   using V = typename Isa::V;
   constexpr int kTileRows = Isa::kShrinkRows;
   constexpr int kTileRanks = Isa::kShrinkRanks;
-  const int64_t a_row_bytes = a_rank_stride * element_bytes<kA>();
+  const int64_t a_row_bytes = a_rank_stride * element_bytes(kA);
   const char* a_bytes = static_cast<const char*>(a_slot);
   V partial[kSimdShrinkChunk][kSuperRanks];
   for (int64_t group = 0; group < rank; group += kSuperRanks) {
@@ -295,7 +290,7 @@ AF_SIMD_TARGET void expand_rows(void* const* y_rows, const float* const* v_rows,
                                 const void* b_slot, int64_t b_rank_stride, int64_t rank,
                                 int64_t o_begin, int64_t o_end, const float* bias) {
   constexpr int kLanes = Isa::kLanes;
-  const int64_t b_row_bytes = b_rank_stride * element_bytes<kB>();
+  const int64_t b_row_bytes = b_rank_stride * element_bytes(kB);
   const int64_t packed_stride = (o_end - o_begin + kLanes - 1) / kLanes * kLanes;
   thread_local std::vector<float> packed;
   packed.resize(static_cast<size_t>(rank * packed_stride));
