@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import itertools
 from typing import Optional
 
 import torch
@@ -69,6 +70,42 @@ def layer_features(module: nn.Module) -> Optional[tuple[int, int]]:
     if conv1d is not None and type(module) is conv1d:
         return module.weight.shape[0], module.weight.shape[1]
     return None
+
+
+# CPU prefill: a layer's base output is computed and finished with its adapters in blocks of
+# OUTPUT_BLOCK outputs (1024 tokens x 512 fp32 outputs: 2 MB, cache-resident), for batches
+# of at least OUTPUT_BLOCK_MIN_TOKENS tokens (decode keeps the base layer's own call).
+OUTPUT_BLOCK = 512
+OUTPUT_BLOCK_MIN_TOKENS = 256
+
+
+def output_blocks(out_features: int) -> list[tuple[int, int]]:
+    """[begin, end) of each block of outputs: OUTPUT_BLOCK wide, the last one widened rather
+    than left under a quarter of that. A matmul a few outputs wide takes MKL's small-matrix
+    path, whose sums round differently from the whole layer's; blocks at least 128 wide gave
+    the whole matmul's bits in every shape checked (684, up to 4096 x 4096 x 14336)."""
+    edges = list(range(0, out_features, OUTPUT_BLOCK)) + [out_features]
+    if len(edges) > 2 and edges[-1] - edges[-2] < OUTPUT_BLOCK // 4:
+        del edges[-2]
+    return list(itertools.pairwise(edges))
+
+
+def plain_linear(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether module(x) is exactly F.linear(x, weight, bias) in dtype: an nn.Linear (not a
+    subclass), its parameters in dtype, and no hook (of its own or global) and no replaced
+    forward (accelerate's offloading wraps forward) that calling it would run."""
+    from torch.nn.modules import module as module_globals
+
+    return (
+        type(module) is nn.Linear
+        and module.weight.dtype == dtype
+        and (module.bias is None or module.bias.dtype == dtype)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not module_globals._global_forward_hooks
+        and not module_globals._global_forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
 
 
 class LoraLayer(nn.Module):
@@ -223,10 +260,60 @@ class LoraLayer(nn.Module):
             return self.tensor_parallel.forward(
                 self.base_layer, x, args, kwargs, lambda x, y: self._add_adapters(x, y, plans)
             )
+        if not args and not kwargs and self._adds_into_output_blocks(x, plans):
+            return self._base_and_adapters_by_output_block(x, plans)
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), plans)
 
-    def _add_adapters(self, x: torch.Tensor, y: torch.Tensor, plans: BatchPlans) -> torch.Tensor:
-        """y (the base output for input x) plus the adapters' part."""
+    def _adds_into_output_blocks(self, x: torch.Tensor, plans: BatchPlans) -> bool:
+        """Whether this forward computes the base matmul itself, one block of outputs at a
+        time, adding the adapters to each block while it is still in cache: a fp32 CPU prefill
+        (many tokens, many outputs) through a plain nn.Linear, with frozen adapters only, no
+        gradients and no tracing. On the CPU the separate pass over y that the adapters
+        otherwise need costs about as much as their arithmetic (y is bigger than the cache)."""
+        base = self.base_layer
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and plans.num_tokens >= OUTPUT_BLOCK_MIN_TOKENS
+            and self.out_features > OUTPUT_BLOCK
+            and self.active_slots > 0
+            and not self.trainable
+            and self.tensor_parallel is None
+            and plain_linear(base, x.dtype)
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in base.parameters()))
+            )
+            and not traced(x)
+        )
+
+    def _base_and_adapters_by_output_block(
+        self, x: torch.Tensor, plans: BatchPlans
+    ) -> torch.Tensor:
+        """base(x) plus the adapters, computed OUTPUT_BLOCK outputs at a time: each block's
+        base matmul writes it, then the adapters add into it (the same sums, rounded the same
+        way, as the base layer's output followed by expand_: only the order of the blocks
+        changes)."""
+        tokens = self._tokens(x, plans)
+        plan = plans.on(x.device)
+        invariant = self.batch_invariant
+        v = ops.shrink(
+            tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan, batch_invariant=invariant
+        )
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        y = tokens.new_empty(tokens.shape[0], self.out_features)
+        for begin, end in output_blocks(self.out_features):
+            block = y[:, begin:end]
+            if bias is None:
+                torch.mm(tokens, weight[begin:end].t(), out=block)
+            else:
+                torch.addmm(bias[begin:end], tokens, weight[begin:end].t(), out=block)
+            bank = self.lora_B[:, :, begin:end]
+            ops.expand_(block, v, [bank], [0], self.lora_ranks, plan, batch_invariant=invariant)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _tokens(self, x: torch.Tensor, plans: BatchPlans) -> torch.Tensor:
+        """x as [T, H_in], one row per token of the forward's plan."""
         tokens = x.reshape(-1, self.in_features)
         if tokens.shape[0] != plans.num_tokens:
             raise RuntimeError(
@@ -234,6 +321,11 @@ class LoraLayer(nn.Module):
                 f"{plans.num_tokens} "
                 "(adapter_names apply to inputs shaped [batch, sequence])"
             )
+        return tokens
+
+    def _add_adapters(self, x: torch.Tensor, y: torch.Tensor, plans: BatchPlans) -> torch.Tensor:
+        """y (the base output for input x) plus the adapters' part."""
+        tokens = self._tokens(x, plans)
         plan = plans.on(x.device)
         if self.trainable:
             # PEFT adds the fp32 adapter output to the base output and casts back once.
