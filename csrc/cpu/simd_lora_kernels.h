@@ -270,16 +270,16 @@ AF_SIMD_TARGET void expand_packed_rows(void* const* y_rows, const float* const* 
                                        const float* bias) {
   constexpr int kBlock = Isa::kLanes * Isa::kExpandVectors;
   constexpr int kTileRows = Isa::kExpandRows;
-  for (int64_t o = o_begin; o < o_end; o += kBlock) {
-    const int64_t width = o_end - o < kBlock ? o_end - o : kBlock;
-    const float* block = packed_first + (o - o_begin);
-    for (int t = 0; t < count; t += kTileRows) {
-      with_count<kTileRows>(
-          count - t < kTileRows ? count - t : kTileRows, [&](auto rows) AF_SIMD_TARGET {
-            expand_block<YFormat, decltype(rows)::value>(y_rows + t, v_rows + t, block,
+  for (int t = 0; t < count; t += kTileRows) {
+    with_count<kTileRows>(
+        count - t < kTileRows ? count - t : kTileRows, [&](auto rows) AF_SIMD_TARGET {
+          for (int64_t o = o_begin; o < o_end; o += kBlock) {
+            const int64_t width = o_end - o < kBlock ? o_end - o : kBlock;
+            expand_block<YFormat, decltype(rows)::value>(y_rows + t, v_rows + t,
+                                                         packed_first + (o - o_begin),
                                                          packed_stride, rank, o, width, bias);
-          });
-    }
+          }
+        });
   }
 }
 
