@@ -291,9 +291,9 @@ class LoraLayer(nn.Module):
         self, x: torch.Tensor, plans: BatchPlans
     ) -> torch.Tensor:
         """base(x) plus the adapters, computed OUTPUT_BLOCK outputs at a time: each block's
-        base matmul writes it, then the adapters add into it (the same sums, rounded the same
-        way, as the base layer's output followed by expand_: only the order of the blocks
-        changes)."""
+        base matmul writes it, then the adapters add into it. The same sums as the base
+        layer's output followed by expand_, in another order of blocks; with MKL each block's
+        matmul also rounds as the whole one does (see output_blocks)."""
         tokens = self._tokens(x, plans)
         plan = plans.on(x.device)
         invariant = self.batch_invariant
