@@ -90,14 +90,14 @@ def output_blocks(out_features: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
-def plain_linear(module: nn.Module, dtype: torch.dtype) -> bool:
-    """Whether module(x) is exactly F.linear(x, weight, bias) in dtype: an nn.Linear (not a
-    subclass), its parameters in dtype, and no hook (of its own or global) and no replaced
-    forward (accelerate's offloading wraps forward) that calling it would run."""
+def plain_matmul(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether module(x) is exactly one matmul plus bias in dtype: an nn.Linear or GPT-2's
+    Conv1D (not a subclass), its parameters in dtype, and no hook (of its own or global) and
+    no replaced forward (accelerate's offloading wraps forward) that calling it would run."""
     from torch.nn.modules import module as module_globals
 
     return (
-        type(module) is nn.Linear
+        type(module) in (nn.Linear, conv1d_class())
         and module.weight.dtype == dtype
         and (module.bias is None or module.bias.dtype == dtype)
         and not module._forward_hooks
@@ -267,7 +267,7 @@ class LoraLayer(nn.Module):
     def _adds_into_output_blocks(self, x: torch.Tensor, plans: BatchPlans) -> bool:
         """Whether this forward computes the base matmul itself, one block of outputs at a
         time, adding the adapters to each block while it is still in cache: a fp32 CPU prefill
-        (many tokens, many outputs) through a plain nn.Linear, with frozen adapters only, no
+        (many tokens, many outputs) through a plain matmul layer, with frozen adapters only, no
         gradients and no tracing. On the CPU the separate pass over y that the adapters
         otherwise need costs about as much as their arithmetic (y is bigger than the cache)."""
         base = self.base_layer
@@ -279,7 +279,7 @@ class LoraLayer(nn.Module):
             and self.active_slots > 0
             and not self.trainable
             and self.tensor_parallel is None
-            and plain_linear(base, x.dtype)
+            and plain_matmul(base, x.dtype)
             and not (
                 torch.is_grad_enabled()
                 and (x.requires_grad or any(p.requires_grad for p in base.parameters()))
@@ -300,7 +300,7 @@ class LoraLayer(nn.Module):
         v = ops.shrink(
             tokens, self.lora_A, self.lora_ranks, self.lora_scales, plan, batch_invariant=invariant
         )
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = self.weight_out_in(), self.base_layer.bias  # [H_out, H_in], either layout
         y = tokens.new_empty(tokens.shape[0], self.out_features)
         for begin, end in output_blocks(self.out_features):
             block = y[:, begin:end]

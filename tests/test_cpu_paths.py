@@ -59,15 +59,22 @@ def run_op_tests(module: str, setting: str) -> None:
     assert " passed" in result.stdout
 
 
-def blocked_layer(bias: bool, ranks=(8, 3, 0, 5), h_in=96, h_out=2 * 512 + 76, seed=0):
-    """A LoraLayer over nn.Linear(h_in, h_out) with random adapters of the given ranks (0: the
-    slot's adapter does not adapt this layer), frozen as patch leaves it."""
+def blocked_layer(
+    bias: bool, ranks=(8, 3, 0, 5), h_in=96, h_out=2 * 512 + 76, seed=0, kind="linear"
+):
+    """A LoraLayer over nn.Linear(h_in, h_out) (or GPT-2's Conv1D, always biased) with random
+    adapters of the given ranks (0: the slot's adapter does not adapt this layer), frozen as
+    patch leaves it."""
     from torch import nn
 
-    from adaptfuse.layers import LoraLayer
+    from adaptfuse.layers import LoraLayer, conv1d_class
 
     gen = torch.Generator().manual_seed(seed)
-    base = nn.Linear(h_in, h_out, bias=bias)
+    if kind == "conv1d":
+        base = conv1d_class()(h_out, h_in)
+        torch.nn.init.normal_(base.bias, std=0.1)  # transformers starts it at zero
+    else:
+        base = nn.Linear(h_in, h_out, bias=bias)
     base.requires_grad_(False)
     layer = LoraLayer(base, num_slots=len(ranks), max_rank=max(ranks))
     for slot, rank in enumerate(ranks):
@@ -97,10 +104,10 @@ def run_layer(layer, x, token_slots, monkeypatch):
         layers.current_plan.reset(reset)
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
 @pytest.mark.parametrize("popularity", ["segments", "some_none"])  # consecutive / gathered
 @pytest.mark.parametrize("h_out", [2 * 512 + 76, 2 * 512 + 200])  # last block widened / not
-def test_prefill_adds_adapters_block_by_block(bias, popularity, h_out, monkeypatch):
+def test_prefill_adds_adapters_block_by_block(kind, popularity, h_out, monkeypatch):
     """A CPU prefill computes the base output OUTPUT_BLOCK outputs at a time (a short
     remainder joins the last block) and adds the adapters to each block: the result against
     reference.py."""
@@ -109,7 +116,7 @@ def test_prefill_adds_adapters_block_by_block(bias, popularity, h_out, monkeypat
     from adaptfuse import layers, reference
 
     assert layers.output_blocks(h_out)[-1][1] - layers.output_blocks(h_out)[-1][0] >= 200
-    layer = blocked_layer(bias, h_out=h_out)
+    layer = blocked_layer(kind != "linear", h_out=h_out, kind=kind.removesuffix("_bias"))
     num_tokens = layers.OUTPUT_BLOCK_MIN_TOKENS + 44
     gen = torch.Generator().manual_seed(1)
     token_slots = token_slots_for(popularity, num_tokens, 4, gen)
@@ -117,8 +124,8 @@ def test_prefill_adds_adapters_block_by_block(bias, popularity, h_out, monkeypat
     with torch.no_grad():
         y, blocked = run_layer(layer, x, token_slots, monkeypatch)
     assert blocked and y.shape == (*x.shape[:-1], layer.out_features)
-    tokens, weight, b = x.reshape(-1, layer.in_features), layer.base_layer.weight, None
-    if bias:
+    tokens, weight, b = x.reshape(-1, layer.in_features), layer.weight_out_in(), None
+    if kind != "linear":
         b = layer.base_layer.bias
     args = (layer.lora_A, layer.lora_ranks, layer.lora_scales, token_slots)
     outputs = []

@@ -167,7 +167,7 @@ def test_mixed_batch_matches_peft(arch, padding, workdir):
     check_mixed_batch_against_peft(arch, padding, workdir)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased q/k/v projections
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # biased q/k/v; Conv1D
 def test_cpu_prefill_in_output_blocks_matches_peft(arch, workdir, monkeypatch):
     """The CPU prefill path that computes each layer's base output block by block and adds
     the adapters to each block (layers.OUTPUT_BLOCK), brought down to these small shapes."""
