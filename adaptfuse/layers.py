@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from adaptfuse import ops
 from adaptfuse.training import bank_views, trainable_banks
@@ -94,8 +95,6 @@ def plain_matmul(module: nn.Module, dtype: torch.dtype) -> bool:
     """Whether module(x) is exactly one matmul plus bias in dtype: an nn.Linear or GPT-2's
     Conv1D (not a subclass), its parameters in dtype, and no hook (of its own or global) and
     no replaced forward (accelerate's offloading wraps forward) that calling it would run."""
-    from torch.nn.modules import module as module_globals
-
     return (
         type(module) in (nn.Linear, conv1d_class())
         and module.weight.dtype == dtype

@@ -180,3 +180,19 @@ def correctly_rounded(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
     odd = torch.where(inexact, toward_zero.view(torch.int32) | 1, toward_zero.view(torch.int32))
     return odd.view(torch.float32).to(dtype)
+
+
+def record_blocked_layers(monkeypatch) -> list[int]:
+    """A list that gets the out_features of every layer forward taking the CPU prefill path
+    that computes the base output block by block (layers.LoraLayer), for this test."""
+    from adaptfuse import layers
+
+    calls: list[int] = []
+    by_block = layers.LoraLayer._base_and_adapters_by_output_block
+
+    def recorded(layer, x, plans):
+        calls.append(layer.out_features)
+        return by_block(layer, x, plans)
+
+    monkeypatch.setattr(layers.LoraLayer, "_base_and_adapters_by_output_block", recorded)
+    return calls

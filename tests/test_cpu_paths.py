@@ -87,16 +87,11 @@ def blocked_layer(
 
 def run_layer(layer, x, token_slots, monkeypatch):
     """layer(x) under a plan for token_slots; returns (y, whether the blocked path ran)."""
+    from conftest import record_blocked_layers
+
     from adaptfuse import layers
 
-    ran = []
-    by_block = layers.LoraLayer._base_and_adapters_by_output_block
-
-    def spy(module, inputs, plans):
-        ran.append(True)
-        return by_block(module, inputs, plans)
-
-    monkeypatch.setattr(layers.LoraLayer, "_base_and_adapters_by_output_block", spy)
+    ran = record_blocked_layers(monkeypatch)
     reset = layers.current_plan.set(layers.BatchPlans(token_slots, layer.lora_A.shape[0]))
     try:
         return layer(x), bool(ran)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import bits
+from conftest import bits, record_blocked_layers
 
 import adaptfuse
 
@@ -175,14 +175,7 @@ def test_cpu_prefill_in_output_blocks_matches_peft(arch, workdir, monkeypatch):
 
     monkeypatch.setattr(layers, "OUTPUT_BLOCK", 16)
     monkeypatch.setattr(layers, "OUTPUT_BLOCK_MIN_TOKENS", 8)
-    blocked = []
-    by_block = layers.LoraLayer._base_and_adapters_by_output_block
-
-    def spy(layer, x, plans):
-        blocked.append(layer.out_features)
-        return by_block(layer, x, plans)
-
-    monkeypatch.setattr(layers.LoraLayer, "_base_and_adapters_by_output_block", spy)
+    blocked = record_blocked_layers(monkeypatch)
     # Blocks this narrow take MKL's small-matrix path, which rounds differently from the whole
     # matmul: rows without an adapter are then within tolerance of the base model (checked
     # with the rest), not its bits (see layers.output_blocks).

@@ -165,13 +165,12 @@ AF_SIMD_TARGET void shrink_panel_tile(const void* const* x_rows, const float* pa
     for (int r = 0; r < kRows; ++r)
       for (int j = 0; j < kVectors; ++j) total[r][j] = Isa::add(total[r][j], acc[r][j]);
   }
-  V(&acc)[kRows][kVectors] = total;
   const V scales = Isa::broadcast(scale);
   for (int r = 0; r < kRows; ++r) {
     for (int j = 0; j < kVectors; ++j) {
       const int lanes = ranks - j * kLanes;
       if (lanes <= 0) break;
-      const V scaled = Isa::mul(scales, acc[r][j]);
+      const V scaled = Isa::mul(scales, total[r][j]);
       if (lanes >= kLanes) {
         Isa::store(v_rows[r] + j * kLanes, scaled);
       } else {
@@ -262,7 +261,8 @@ AF_SIMD_TARGET void expand_block(void* const* y_rows, const float* const* v_rows
 
 // Outputs [o_begin, o_end) of count token rows from B rows already packed as fp32: column o
 // of rank row k at packed_first[k * packed_stride + (o - o_begin)], each row zero-padded to
-// whole vectors. Output blocks outer, token tiles inner.
+// whole vectors. Token tiles outer, each sweeping its outputs (a few row streams for the
+// prefetcher; the packed rows stay in L1/L2).
 template <class YFormat>
 AF_SIMD_TARGET void expand_packed_rows(void* const* y_rows, const float* const* v_rows, int count,
                                        const float* packed_first, int64_t packed_stride,
